@@ -38,12 +38,20 @@ def weight_layers(model: nn.Module, strict: bool = True) -> list[tuple[str, nn.M
 
 
 @torch.no_grad()
+def sigma1(w: torch.Tensor) -> float:
+    """Largest singular value of a matrix, as sqrt(lambda_max) of the smaller Gram matrix in float64.
+
+    The top eigenvalue of W W^T is perfectly conditioned, so this matches a full SVD to ~1e-15 relative,
+    at a fraction of the cost of ``svdvals`` for the wide matrices of a ConvNet (2-6x on this CPU).
+    """
+    w = w.double()
+    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    return float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0).sqrt())
+
+
 def top_singular_values(model: nn.Module, strict: bool = True) -> dict[str, float]:
-    """sigma_1 of every weight matrix, by a full SVD in float64 (exact, for logging and tests)."""
-    return {
-        name: float(torch.linalg.matrix_norm(weight_matrix(m.weight).double(), ord=2))
-        for name, m in weight_layers(model, strict)
-    }
+    """sigma_1 of every weight matrix (exact, float64)."""
+    return {name: sigma1(weight_matrix(m.weight.detach())) for name, m in weight_layers(model, strict)}
 
 
 def k_emp(sigmas: dict[str, float]) -> float:

@@ -1,0 +1,75 @@
+# lipexp: `make reproduce-chapter4` (installs what it needs first) and `make test`.
+PROFILE ?= quick
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+EXTRAS ?= dev,cluster,reports
+LIPEXP := $(BIN)/lipexp
+# Use the offline data mirror next to the checkout when there is one and nothing else was chosen.
+ifeq ($(origin LIPEXP_DATA_MIRROR), undefined)
+  ifneq ($(wildcard ../shared/data/mnist.npz),)
+    export LIPEXP_DATA_MIRROR := $(abspath ../shared/data)
+  endif
+endif
+
+CHAPTER3 := fig3_2 fig3_3 fig3_4 table2_1 bounds
+CHAPTER4 := fig4_2 fig4_8 fig4_3 fig4_4 fig4_5 fig4_6 fig4_7 fig4_1 init_k0
+CHAPTER5 := fig5_2 gaussian lemma5_3_4 fig5_1 fig5_4 fig5_5 fig5_6
+CHAPTER6 := fig6_1 fig6_2 fig6_6 fig6_7 fig6_9 fig6_11 fig6_12 fig6_13 fig6_15 fig6_16 fig6_3 fig6_8
+
+.PHONY: help install test reproduce-chapter3 reproduce-chapter4 reproduce-chapter5 reproduce-chapter6 \
+        reproduce-all report bench clean clean-runs
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
+	@echo "  PROFILE=$(PROFILE)  (smoke | quick | paper)"
+
+install: $(STAMP) ## create .venv and install lipexp (editable) with its extras
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+test: install ## run the test suite
+	$(BIN)/python -m pytest -q
+
+define run_figures
+	@set -e; for f in $(1); do \
+	  echo "== $$f (profile $(PROFILE))"; \
+	  $(LIPEXP) -m figure=$$f profile=$(PROFILE) $(ARGS); \
+	done
+endef
+
+reproduce-chapter3: install ## Chapter 3: singular-value derivatives, Table 2.1, bounds
+	$(call run_figures,$(CHAPTER3))
+	$(MAKE) --no-print-directory report
+
+reproduce-chapter4: install ## Chapter 4: the SDE for K(t) (Figs 4.1-4.8)
+	$(call run_figures,$(CHAPTER4))
+	$(MAKE) --no-print-directory report
+
+reproduce-chapter5: install ## Chapter 5: Fourier analysis (Figs 5.1-5.6)
+	$(call run_figures,$(CHAPTER5))
+	$(MAKE) --no-print-directory report
+
+reproduce-chapter6: install ## Chapter 6: I-ASIDE (Figs 6.1-6.16)
+	$(call run_figures,$(CHAPTER6))
+	$(MAKE) --no-print-directory report
+
+reproduce-all: reproduce-chapter3 reproduce-chapter4 reproduce-chapter5 reproduce-chapter6 ## every chapter
+
+report: install ## rebuild results/index.md (the gallery) from the saved figures
+	$(BIN)/python -m experiments.report
+
+bench: install ## speed/memory benchmarks (ratios measured side by side)
+	@set -e; for s in scripts/bench_*.py; do echo "== $$s"; $(BIN)/python $$s; done
+
+clean: ## remove the venv, caches and build files (keeps results/)
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+clean-runs: ## remove run directories, checkpoints and logs under results/ (keeps figures and summaries)
+	rm -rf results/*/runs

@@ -1,0 +1,365 @@
+"""What every figure shares: config -> data/model/TrainSpec, the job wrapper, run collection, outputs."""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from lipexp import data as D
+from lipexp import frequency, models, results
+from lipexp.train import Diverged, Interrupted, TrainSpec, resolve_device, train
+
+log = logging.getLogger("lipexp")
+
+
+# ---------------------------------------------------------------- config -> objects
+def load_data(cfg: DictConfig) -> tuple[D.Dataset, D.Dataset]:
+    """Train and test sets of ``cfg.data`` with subsets, label corruption and frequency filtering applied."""
+    kw = dict(root=cfg.data.root, mirror=cfg.data.mirror, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
+    train_set = D.load_dataset(cfg.data.name, "train", **kw)
+    test_set = D.load_dataset(cfg.data.name, "test", **kw)
+    train_set = D.subset(train_set, cfg.data.train_subset, seed=cfg.seed.data)
+    test_set = D.subset(test_set, cfg.data.test_subset, seed=cfg.seed.data + 1)
+    if cfg.data.label_noise > 0:
+        y, info = D.corrupt_labels(train_set.y, cfg.data.label_noise, train_set.num_classes, seed=cfg.seed.data)
+        train_set = D.with_labels(train_set, y, info)
+    if cfg.data.filter != "none":
+        train_set, test_set = (filter_dataset(ds, cfg.data.filter, cfg.data.cutoff) for ds in (train_set, test_set))
+    return train_set, test_set
+
+
+def filter_dataset(ds: D.Dataset, kind: str, cutoff: float, chunk: int = 5000) -> D.Dataset:
+    """Low/high-pass filter every image in pixel space; the result is float (high-pass leaves [0, 1])."""
+    fn = frequency.lowpass if kind == "lowpass" else frequency.highpass
+    x = torch.cat([fn(ds.x[i : i + chunk].float().div(255), cutoff) for i in range(0, len(ds), chunk)])
+    return D.Dataset(ds.name, ds.split, x, ds.y, ds.num_classes, ds.source, {**ds.info, "filter": kind, "cutoff": cutoff})
+
+
+def build_model(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> torch.nn.Module:
+    """The model of ``cfg.model``, initialised from ``seed.init`` alone."""
+    torch.manual_seed(cfg.seed.init)
+    name = cfg.model.name
+    if name == "convnet":
+        return models.convnet(num_classes, in_channels, dropout=cfg.model.dropout, batchnorm=cfg.model.batchnorm)
+    if name == "mlp":
+        return models.mlp(num_classes=num_classes)
+    if name == "convnet_ch5":
+        return models.convnet_ch5(num_classes, in_channels)
+    if name == "mlp_ch5":
+        return models.mlp_ch5(num_classes)
+    raise ValueError(f"unknown model '{name}'")
+
+
+def train_spec(cfg: DictConfig) -> TrainSpec:
+    t = cfg.train
+    return TrainSpec(
+        steps=t.steps,
+        lr=cfg.optim.lr,
+        batch_size=cfg.data.batch_size,
+        optimizer=cfg.optim.name,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+        mixup_alpha=t.mixup_alpha,
+        label_smoothing=t.label_smoothing,
+        fgsm_eps=t.fgsm_eps,
+        autoaugment=t.autoaugment,
+        grad_rho=t.grad_rho,
+        grad_noise=t.grad_noise,
+        tracker=cfg.tracker.mode,
+        split=cfg.tracker.split,
+        log_every=t.log_every,
+        eval_every=t.eval_every,
+        eval_samples=t.eval_samples,
+        checkpoint_every=t.checkpoint_every,
+        snapshot_every=t.snapshot_every,
+        sampling_seed=cfg.seed.sampling,
+        aux_seed=cfg.seed.sampling + 7919,
+        progress=cfg.progress and sys.stderr.isatty(),
+    )
+
+
+# ---------------------------------------------------------------- loggers
+class WandbLogger:
+    """One W&B run per job: group = figure, name = run; offline when no API key is configured."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        import wandb
+
+        mode = cfg.logger.mode
+        if mode == "auto":
+            mode = "online" if _wandb_has_key() else "offline"
+        run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        self.run = wandb.init(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            group=cfg.figure.id,
+            job_type=cfg.profile.name,
+            name=run_dir.name,
+            tags=list(cfg.logger.tags) + [cfg.profile.name],
+            config=OmegaConf.to_container(cfg, resolve=True),
+            dir=str(run_dir),
+            mode=mode,
+            id=run_id,
+            resume="allow",
+        )
+
+    def log(self, row: dict) -> None:
+        self.run.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+
+    def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
+        if summary:
+            self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        self.run.finish(exit_code=exit_code)
+
+
+def _wandb_has_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+# ---------------------------------------------------------------- one job
+def provenance(cfg: DictConfig) -> dict:
+    return {
+        **results.git_info(),
+        **results.environment_info(),
+        "figure": cfg.figure.id,
+        "profile": cfg.profile.name,
+        "seeds": OmegaConf.to_container(cfg.seed),
+        "device": str(resolve_device(cfg.device)),
+    }
+
+
+def _archive_previous(run_dir: Path) -> None:
+    """Move an earlier attempt's files into ``previous-<time>/`` (results are never deleted)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest = run_dir / f"previous-{stamp}"
+    keep = {".hydra", "run.log"}
+    entries = [p for p in run_dir.iterdir() if p.name not in keep and not p.name.startswith("previous-")]
+    if entries:
+        dest.mkdir()
+        for p in entries:
+            shutil.move(str(p), dest / p.name)
+
+
+def run_job(cfg: DictConfig, module, run_dir: Path) -> dict:
+    """Run one job of a figure in ``run_dir`` with status bookkeeping; returns the run's summary.
+
+    A completed run is not redone (``force=true`` redoes it, keeping the old files); an unfinished one
+    resumes from its checkpoint unless ``resume=false``. A diverged or crashed job records why in
+    ``status.json``; inside a sweep the other jobs go on.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    status = results.read_status(run_dir)
+    if status.get("status") == "completed" and not cfg.force:
+        log.info("%s already completed; skipping (force=true reruns it)", run_dir)
+        return results.read_json(run_dir / results.SUMMARY_FILE, {}) or {}
+    if cfg.force or (not cfg.resume and status):
+        _archive_previous(run_dir)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    results.update_status(
+        run_dir, status="running", reason=None, started=results.now_iso(), **provenance(cfg)
+    )
+    job = getattr(module, "run", train_job)
+    t0 = time.time()
+    try:
+        summary = job(cfg, run_dir)
+    except Diverged as err:
+        log.error("run diverged: %s", err)
+        results.update_status(run_dir, status="failed", reason=str(err))
+        return {}
+    except (Interrupted, KeyboardInterrupt) as err:
+        results.update_status(run_dir, status="interrupted", reason=str(err) or "KeyboardInterrupt")
+        log.error("interrupted; rerun the same command to resume from the last checkpoint")
+        sys.exit(130)
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}"
+        results.update_status(run_dir, status="failed", reason=reason, traceback=traceback.format_exc())
+        if _in_multirun():
+            log.exception("job failed; the sweep goes on")
+            return {}
+        raise
+    previous_wall = summary.pop("wall_time_s", None)
+    wall = previous_wall if previous_wall is not None else time.time() - t0
+    results.write_json(run_dir / results.SUMMARY_FILE, summary)
+    results.update_status(run_dir, status="completed", finished=results.now_iso(), wall_time_s=wall)
+    return summary
+
+
+def _in_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+def train_job(cfg: DictConfig, run_dir: Path, after: Callable | None = None) -> dict:
+    """The standard job: load data, build the model, train with the tracker, save the final weights.
+
+    ``after(model, train_set, test_set, summary)`` may add figure-specific scalars to the summary.
+    """
+    device = resolve_device(cfg.device)
+    train_set, test_set = load_data(cfg)
+    results.update_status(
+        run_dir,
+        data_source=train_set.source,
+        data_info={**train_set.info, "n_train": len(train_set), "n_test": len(test_set)},
+    )
+    model = build_model(cfg, train_set.num_classes, in_channels=train_set.x.shape[1])
+    spec = train_spec(cfg)
+    logger = WandbLogger(cfg, run_dir) if cfg.logger.wandb else None
+    exit_code = 1
+    try:
+        summary = train(model, train_set, test_set, spec, run_dir, device, log_fn=logger.log if logger else None)
+        summary.update({"data_source": train_set.source, **train_set.info})
+        torch.save(model.state_dict(), run_dir / "model.pt")
+        if after is not None:
+            summary.update(after(model, train_set, test_set, summary) or {})
+        exit_code = 0
+    finally:
+        if logger is not None:
+            logger.finish(summary if exit_code == 0 else None, exit_code)
+    if cfg.logger.csv:
+        results.write_csv(run_dir / "metrics.csv", results.read_metrics(run_dir))
+    return summary
+
+
+# ---------------------------------------------------------------- collecting runs
+@dataclass
+class Run:
+    """A saved run directory: its config, status, summary and (lazily) its metrics."""
+
+    path: Path
+    config: DictConfig
+    status: dict
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status.get("status") == "completed"
+
+    @cached_property
+    def metrics(self) -> pd.DataFrame:
+        return results.read_metrics(self.path)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A config value by dotted key, e.g. ``run.get('data.batch_size')``."""
+        return OmegaConf.select(self.config, key, default=default)
+
+
+def collect_runs(runs_dir: Path) -> list[Run]:
+    """Every run directory (one with a config.yaml) under ``runs_dir``, sorted by name."""
+    out = []
+    if not runs_dir.exists():
+        return out
+    for cfg_path in sorted(runs_dir.glob("*/config.yaml")):
+        d = cfg_path.parent
+        out.append(
+            Run(d, OmegaConf.load(cfg_path), results.read_status(d), results.read_json(d / results.SUMMARY_FILE, {}) or {})
+        )
+    return out
+
+
+# ---------------------------------------------------------------- figure outputs
+def write_outputs(
+    cfg: DictConfig,
+    fig_dir: Path,
+    fig,
+    table: pd.DataFrame,
+    runs: list[Run],
+    findings: list[str],
+    notes: list[str] | None = None,
+) -> None:
+    """Write figure.png/pdf, summary.csv and summary.md (claim, measured findings, provenance, table)."""
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    prov = figure_provenance(cfg, runs)
+    fig.text(
+        0.995, 0.005,
+        f"lipexp {cfg.figure.id} | profile {prov['profile']} | data {prov['data_source']} | commit {prov['commit'][:10]}",
+        ha="right", va="bottom", fontsize=6, color="0.4",
+    )
+    for ext in ("png", "pdf"):
+        tmp = fig_dir / f".figure.tmp.{ext}"
+        fig.savefig(tmp, dpi=130 if ext == "png" else None, bbox_inches="tight")
+        os.replace(tmp, fig_dir / f"figure.{ext}")
+    plt.close(fig)
+    results.write_csv(fig_dir / "summary.csv", table)
+    failed = [r for r in runs if not r.ok]
+    lines = [
+        f"# {cfg.figure.id}: {cfg.figure.title}",
+        "",
+        f"**Thesis claim.** {cfg.figure.claim}",
+        "",
+        "**Measured.**",
+        "",
+        *[f"- {f}" for f in findings],
+        "",
+    ]
+    if notes:
+        lines += ["**Notes.**", "", *[f"- {n}" for n in notes], ""]
+    lines += [
+        "**Provenance.**",
+        "",
+        "| profile | data source | commit | seeds | runs (completed/total) | wall time (s) | made |",
+        "|---|---|---|---|---|---|---|",
+        f"| {prov['profile']} | {prov['data_source']} | {prov['commit']} | {prov['seeds']} | "
+        f"{prov['completed']}/{prov['total']} | {prov['wall_time_s']:.1f} | {prov['date']} |",
+        "",
+    ]
+    if failed:
+        lines += ["**Runs that did not complete.**", ""]
+        lines += [f"- `{r.path.name}`: {r.status.get('status', 'unknown')}: {r.status.get('reason')}" for r in failed]
+        lines.append("")
+    lines += ["**Table** (`summary.csv`).", "", _markdown_table(table), ""]
+    results.atomic_write_text(fig_dir / "summary.md", "\n".join(lines))
+    results.write_json(fig_dir / "provenance.json", prov)
+
+
+def figure_provenance(cfg: DictConfig, runs: list[Run]) -> dict:
+    commits = sorted({r.status.get("git_commit", "unknown") for r in runs}) or [results.git_info()["git_commit"]]
+    sources = sorted({str(r.status.get("data_source")) for r in runs if r.status.get("data_source")}) or ["none"]
+    seeds = sorted({tuple(sorted((r.status.get("seeds") or {}).items())) for r in runs})
+    return {
+        "figure": cfg.figure.id,
+        "profile": cfg.profile.name,
+        "data_source": ", ".join(sources),
+        "commit": ", ".join(c[:12] for c in commits) if len(commits) > 1 else commits[0],
+        "seeds": "; ".join(",".join(f"{k}={v}" for k, v in s) for s in seeds[:6]) + (" ..." if len(seeds) > 6 else ""),
+        "completed": sum(r.ok for r in runs),
+        "total": len(runs),
+        "wall_time_s": float(sum(r.status.get("wall_time_s") or 0.0 for r in runs)),
+        "date": results.now_iso(),
+    }
+
+
+def _markdown_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "(empty)"
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    sep = "|" + "---|" * len(df.columns)
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, sep, *body])

@@ -1,0 +1,135 @@
+"""The ``lipexp`` command: one Hydra main for every figure.
+
+``lipexp figure=<id> ...`` runs one job of the figure (a training run, or a computation) in
+``results/<id>/runs/<profile>/<overrides>/`` and rebuilds the figure from all saved runs of that profile;
+``lipexp -m ...`` runs the figure's sweep (``hydra.sweeper.params`` in its config, or yours) and
+aggregates once at the end. ``lipexp list`` prints the figures.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from . import schema
+
+log = logging.getLogger("lipexp")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _run_name(override_dirname: str) -> str:
+    """Run directory name from the job's overrides ('default' when there are none)."""
+    name = override_dirname.replace("/", "_") or "default"
+    return name[:200]
+
+
+def _gpus_available() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+for _name, _fn in (("run_name", _run_name), ("gpus_available", _gpus_available)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
+schema.register()
+# Our launcher files keep the plugins' names (submitit_slurm, ...) and so match their schemas on purpose.
+warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema with the same name")
+
+
+def figure_module(figure_id: str):
+    """The experiments module of a figure (``experiments/<id>.py``)."""
+    try:
+        return importlib.import_module(f"experiments.{figure_id}")
+    except ModuleNotFoundError as err:
+        if err.name != f"experiments.{figure_id}":
+            raise
+        raise schema.ConfigError(
+            f"figure '{figure_id}' has no module experiments/{figure_id}.py; run `lipexp list` for the figures"
+        ) from err
+
+
+def list_figures() -> list[tuple[str, str]]:
+    """(id, title) of every figure config under conf/figure/."""
+    out = []
+    for path in sorted((CONF_DIR / "figure").glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text()) or {}
+        out.append((path.stem, str(doc.get("figure", {}).get("title", ""))))
+    return out
+
+
+def figure_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.results_dir) / cfg.figure.id
+
+
+def profile_runs_dir(cfg: DictConfig) -> Path:
+    return figure_dir(cfg) / "runs" / cfg.profile.name
+
+
+def aggregate(cfg: DictConfig) -> None:
+    """Rebuild the figure (figure.png/pdf, summary.csv/md) from every saved run of this profile."""
+    from .common import collect_runs
+
+    module = figure_module(cfg.figure.id)
+    runs = collect_runs(profile_runs_dir(cfg))
+    if not runs:
+        log.warning("no runs under %s: nothing to aggregate", profile_runs_dir(cfg))
+        return
+    module.aggregate(cfg, figure_dir(cfg), runs)
+    log.info("figure written to %s", figure_dir(cfg))
+
+
+class AggregateOnMultirunEnd(Callback):
+    """Hydra callback: after a sweep, aggregate the figure once over all its runs."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        try:
+            aggregate(config)
+        except Exception:  # the runs are saved; a plotting problem must not hide that
+            log.exception("aggregation failed; the runs are saved, rerun with aggregate_only=true")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from .common import run_job
+
+    try:
+        schema.validate(cfg)
+        module = figure_module(cfg.figure.id)
+    except schema.ConfigError as err:
+        print(f"lipexp: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if cfg.aggregate_only:
+        aggregate(cfg)
+        return None
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    summary = run_job(cfg, module, run_dir)
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        try:
+            aggregate(cfg)
+        except Exception:
+            log.exception("aggregation failed; the run is saved, rerun with aggregate_only=true")
+    return summary.get("max_rel_err") if summary else None
+
+
+def cli() -> None:
+    """Console entry point: ``lipexp list`` or the Hydra main."""
+    if len(sys.argv) > 1 and sys.argv[1] == "list":
+        width = max(len(i) for i, _ in list_figures())
+        for fid, title in list_figures():
+            print(f"{fid:<{width}}  {title}")
+        return
+    main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,60 @@
+"""Config validation: every mistake is one clear line before anything trains."""
+import pytest
+
+
+def _last_error_line(proc):
+    lines = [l for l in (proc.stderr + proc.stdout).strip().splitlines() if l.strip()]
+    return "\n".join(lines[-3:])
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.batch_size=0", "data.batch_size=0 is not valid"),
+        ("model.name=resnet9000", "model.name='resnet9000' is not valid; choose one of"),
+        ("optim.lr=-1", "optim.lr=-1"),
+        ("data.label_noise=1.5", "data.label_noise=1.5 is not valid; it must lie in [0, 1]"),
+        ("optim=adam", "predicts K(t) for plain SGD only"),
+    ],
+)
+def test_invalid_values_are_one_line_errors(lipexp_cli, override, expected):
+    proc = lipexp_cli("figure=train", "profile=smoke", override, check=False)
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (lipexp_cli.results / "train" / "runs").exists() or not any(
+        (lipexp_cli.results / "train" / "runs").rglob("metrics.parquet")
+    )
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model=resnet9000", "Could not find 'model/resnet9000'"),
+        ("train.no_such_key=3", "no_such_key"),
+        ("data.batch_size=abc", "could not be converted to Integer"),
+        ("figure=fig_nope", "Could not find 'figure/fig_nope'"),
+    ],
+)
+def test_unknown_keys_choices_and_types_are_rejected(lipexp_cli, override, expected):
+    proc = lipexp_cli("figure=train", "profile=smoke", override, check=False)
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr[-2000:]
+
+
+def test_unknown_group_lists_the_valid_choices(lipexp_cli):
+    proc = lipexp_cli("figure=train", "model=resnet9000", check=False)
+    assert "Available options" in proc.stderr and "convnet" in proc.stderr
+
+
+def test_list_prints_every_figure_config():
+    import subprocess
+    import sys
+
+    from experiments.runner import CONF_DIR, list_figures
+
+    out = subprocess.run([sys.executable, "-m", "experiments.runner", "list"], capture_output=True, text=True,
+                         cwd=CONF_DIR.parent, check=True).stdout
+    ids = [p.stem for p in (CONF_DIR / "figure").glob("*.yaml")]
+    assert ids and all(i in out for i in ids)
+    assert all(title for _, title in list_figures())
