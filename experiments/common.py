@@ -330,7 +330,10 @@ def write_outputs(
         lines.append("")
     lines += ["**Table** (`summary.csv`).", "", _markdown_table(table), ""]
     results.atomic_write_text(fig_dir / "summary.md", "\n".join(lines))
-    results.write_json(fig_dir / "provenance.json", prov)
+    results.write_json(
+        fig_dir / "provenance.json",
+        {**prov, "title": str(cfg.figure.title), "claim": str(cfg.figure.claim), "findings": list(findings)},
+    )
 
 
 def figure_provenance(cfg: DictConfig, runs: list[Run]) -> dict:

@@ -48,6 +48,7 @@ def run_lipexp(args: list[str], results_dir: Path, mirror: Path | None, data_roo
     if data_root is not None:
         cmd.append(f"data.root={data_root}")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None removes a variable
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"lipexp {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

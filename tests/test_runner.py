@@ -85,7 +85,7 @@ def test_submitit_local_multirun_aggregates_two_jobs(lipexp_cli):
 
 
 def test_wandb_offline_run_has_the_logged_keys(lipexp_cli):
-    lipexp_cli(*MNIST, "logger=wandb", "logger.mode=offline", env={"WANDB_API_KEY": "", "WANDB_MODE": ""})
+    lipexp_cli(*MNIST, "logger=wandb", "logger.mode=offline", env={"WANDB_API_KEY": None, "WANDB_MODE": None})
     (run,) = _runs(lipexp_cli.results)
     files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
