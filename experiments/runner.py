@@ -122,7 +122,12 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def cli() -> None:
-    """Console entry point: ``lipexp list`` or the Hydra main."""
+    """Console entry point: ``lipexp list``, ``lipexp compare ...`` or the Hydra main."""
+    if len(sys.argv) > 1 and sys.argv[1] == "compare":
+        from .compare import main as compare_main
+
+        compare_main(sys.argv[2:])
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "list":
         width = max(len(i) for i, _ in list_figures())
         for fid, title in list_figures():

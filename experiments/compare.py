@@ -1,0 +1,98 @@
+"""``lipexp compare``: one table and one overlay plot across runs or whole sweeps.
+
+    lipexp compare results/fig4_2/runs/quick results/fig4_8/runs/quick \
+        --metrics max_rel_err final_K_emp --curves K_emp K_pred --out results/compare_reg
+
+Each argument is a run directory (it has ``config.yaml``) or a folder of them. The table has one row per
+run: its name, status, the swept config keys that differ between runs, and the chosen summary metrics;
+it is printed and saved as ``compare.csv``; the chosen per-step curves of all runs share ``compare.png``.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from lipexp import results
+
+from .common import Run, collect_runs
+
+DEFAULT_METRICS = ["max_rel_err", "final_K_emp", "final_K_pred", "final_test_acc"]
+IGNORED_KEYS = ("results_dir", "data.root", "data.mirror", "data.cache_dir", "progress", "force", "resume")
+
+
+def find_runs(paths: list[str | Path]) -> list[Run]:
+    runs: list[Run] = []
+    for p in map(Path, paths):
+        if (p / "config.yaml").exists():
+            runs += [r for r in collect_runs(p.parent) if r.path == p]
+        elif p.is_dir():  # a sweep folder, or a figure's runs/ folder with one level of profiles
+            runs += collect_runs(p) or [r for d in sorted(p.iterdir()) if d.is_dir() for r in collect_runs(d)]
+        else:
+            raise SystemExit(f"{p} is neither a run directory (with config.yaml) nor a folder of runs")
+    if not runs:
+        raise SystemExit(f"no runs found under {', '.join(map(str, paths))}")
+    return runs
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    """Dotted config keys whose values differ between the runs (the swept ones)."""
+    flat = [pd.json_normalize(OmegaConf.to_container(r.config, resolve=False)).iloc[0].to_dict() for r in runs]
+    keys = sorted(set().union(*flat))
+    return [k for k in keys if not k.startswith(IGNORED_KEYS) and len({str(f.get(k)) for f in flat}) > 1]
+
+
+def comparison_table(runs: list[Run], metrics: list[str]) -> pd.DataFrame:
+    keys = differing_keys(runs)
+    rows = []
+    for r in runs:
+        row = {"run": str(r.path), "status": r.status.get("status")}
+        row.update({k: r.get(k) for k in keys})
+        row.update({m: r.summary.get(m) for m in metrics})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def overlay(runs: list[Run], curves: list[str], out: Path, x: str = "step") -> None:
+    from . import plots
+
+    fig, axes = plots.grid(len(curves), ncols=2, size=(5.5, 3.6))
+    for ax, col in zip(axes, curves):
+        for r in runs:
+            df = r.metrics
+            if col in df:
+                d = df.dropna(subset=[col])
+                ax.plot(d[x], d[col], lw=1, label=r.path.name[:40])
+        ax.set_title(col)
+        ax.set_xlabel(x)
+        if ax.lines:
+            ax.legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    ap = argparse.ArgumentParser(prog="lipexp compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="+")
+    ap.add_argument("--metrics", nargs="*", default=DEFAULT_METRICS)
+    ap.add_argument("--curves", nargs="*", default=["K_emp", "K_pred"])
+    ap.add_argument("--out", default="results/compare")
+    args = ap.parse_args(argv)
+    runs = find_runs(args.paths)
+    table = comparison_table(runs, args.metrics)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results.write_csv(out / "compare.csv", table)
+    if args.curves:
+        overlay(runs, args.curves, out / "compare.png")
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(table.to_string(index=False))
+    print(f"\nsaved {out / 'compare.csv'}" + (f" and {out / 'compare.png'}" if args.curves else ""))
+    return table
+
+
+if __name__ == "__main__":
+    main()
