@@ -180,6 +180,13 @@ def run_job(cfg: DictConfig, module, run_dir: Path) -> dict:
     t0 = time.time()
     try:
         summary = job(cfg, run_dir)
+    except D.DataUnavailable as err:
+        results.update_status(run_dir, status="skipped", reason=str(err))
+        if _in_multirun():
+            log.error("skipped: %s", err)
+            return {}
+        print(f"lipexp: {err}", file=sys.stderr)
+        sys.exit(2)
     except Diverged as err:
         log.error("run diverged: %s", err)
         results.update_status(run_dir, status="failed", reason=str(err))

@@ -1,0 +1,50 @@
+"""Fig. 4.4: K(t) from one initialisation under several mini-batch sampling seeds."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from . import ch4, plots
+from .common import train_job, write_outputs
+
+run = train_job
+
+
+def aggregate(cfg, fig_dir, runs) -> None:
+    ok = [r for r in runs if r.ok and "K_emp" in r.metrics]
+    table = pd.DataFrame([ch4.run_row(r, {"sampling_seed": "seed.sampling", "init_seed": "seed.init"}) for r in runs])
+    fig, (ax,) = plots.grid(1, size=(7, 4.5))
+    findings = []
+    if ok:
+        frames = {r.get("seed.sampling"): r.metrics.dropna(subset=["K_emp"]).set_index("step") for r in ok}
+        k = pd.DataFrame({s: f["K_emp"] for s, f in frames.items()}).dropna()
+        for s in k.columns:
+            ax.plot(frames[s]["t"].reindex(k.index), k[s], lw=1, label=f"sampling seed {s}")
+        pred = pd.DataFrame({s: f["K_pred"] for s, f in frames.items()}).reindex(k.index)
+        std = np.sqrt(pd.DataFrame({s: f["VarK_pred"] for s, f in frames.items()}).reindex(k.index).mean(axis=1))
+        t = frames[k.columns[0]]["t"].reindex(k.index)
+        ax.fill_between(t, pred.mean(axis=1) - std, pred.mean(axis=1) + std, alpha=0.2, color="k", lw=0,
+                        label="mean K_pred ± predicted std")
+        ax.set_xlabel("t = step x lr")
+        ax.set_ylabel("K_emp")
+        ax.legend(fontsize=7)
+        at = int(cfg.scale.inset_at)
+        win = k[(k.index >= at) & (k.index < at + 50)]
+        if len(win):
+            sub = plots.inset(ax)
+            for s in win.columns:
+                sub.plot(win.index, win[s], lw=0.8)
+            sub.set_title(f"steps {at}-{at + 49}", fontsize=6)
+        end = k.iloc[-1]
+        obs_std = float(end.std(ddof=1)) if len(end) > 1 else float("nan")
+        findings = [
+            f"{len(ok)} sampling seeds from init seed {ok[0].get('seed.init')}: final K_emp mean {end.mean():.5g}, "
+            f"std across seeds {obs_std:.3g} ({obs_std / end.mean() * 100:.3f}% of the mean)",
+            f"predicted std sqrt(Var[K]) at the end (mean over seeds) = {float(std.iloc[-1]):.3g}; "
+            f"observed / predicted = {obs_std / float(std.iloc[-1]):.3g}",
+            f"largest spread across seeds over the run: {float((k.max(axis=1) - k.min(axis=1)).max()):.3g} "
+            f"(relative {float(((k.max(axis=1) - k.min(axis=1)) / k.mean(axis=1)).max()) * 100:.3f}%)",
+        ]
+        table["final_K_emp_std_across_seeds"] = obs_std
+        table["predicted_std_end"] = float(std.iloc[-1])
+    write_outputs(cfg, fig_dir, fig, table, runs, findings or ["no completed run"])
