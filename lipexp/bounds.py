@@ -10,11 +10,11 @@ Per weight layer, three numbers:
     stride, by power iteration through conv2d and its adjoint (conv_transpose2d);
 (c) for circular padding and stride 1, all singular values by FFT (Sedghi et al., 2019), a check of (b).
 
-Block power iteration on A^T A (``block`` start vectors, default 4) stops when the relative eigen-residual ``||A^T A x - theta x|| / theta`` (unit x,
-``theta = ||A x||^2``) is at most ``tol`` (default 1e-8). Then theta is within ``tol * theta`` of an
-eigenvalue of A^T A (and within ``(tol * theta)^2 / gap`` of it), which from a random start is the top one
-unless the start is unluckily orthogonal to it. The estimate ``||A x||`` never exceeds the true norm.
-Convergence is slow when s_1 ~ s_2; a warning is raised if ``max_iter`` is hit.
+Block power iteration on A^T A (``block`` = 4 start vectors by default) stops when the top Ritz pair has
+relative eigen-residual ``||A^T A x - theta x|| / theta <= tol`` (default 1e-8; unit x, ``theta = ||A x||^2``).
+Then theta is within ``tol * theta`` of an eigenvalue of A^T A (and within ``(tol * theta)^2 / gap`` of it),
+which from a random start is the top one unless the start is unluckily orthogonal to it. The estimate
+``sqrt(theta)`` never exceeds the true norm. A warning is raised if ``max_iter`` is hit.
 """
 from __future__ import annotations
 
@@ -183,12 +183,22 @@ def patch_multiplicity(kernel_size, stride, padding, dilation, input_hw, padding
 
 
 def conv2d_unfold_factor(conv: nn.Conv2d, input_shape: tuple[int, int, int]) -> float:
-    """sqrt of ``patch_multiplicity``: ``||conv|| <= factor * s_1(weight matrix)``."""
-    if isinstance(conv.padding, str):
-        raise ValueError(f"padding='{conv.padding}' is not supported here; give the padding as numbers")
-    c = patch_multiplicity(conv.kernel_size, conv.stride, conv.padding, conv.dilation, input_shape[1:],
-                           conv.padding_mode)
-    return math.sqrt(c)
+    """sqrt(c), c = the conv's ``patch_multiplicity`` on this input: ``||conv|| <= sqrt(c) * s_1(weight matrix)``.
+
+    c is the max of ``U^T 1`` with U the conv's own pad-and-unfold (any padding mode or string padding),
+    obtained as the adjoint of a one-channel all-ones convolution. Holds for grouped convolutions too
+    (block-diagonal over groups, each block's matrix a row block of the weight matrix).
+    """
+    _check_conv_input(conv, input_shape)
+    ones = torch.ones(1, 1, *conv.kernel_size, dtype=torch.float64)
+    if conv.padding_mode != "zeros":
+        f = lambda x: F.conv2d(F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode),  # noqa
+                               ones, None, conv.stride, 0, conv.dilation)
+    else:
+        f = lambda x: F.conv2d(x, ones, None, conv.stride, conv.padding, conv.dilation)  # noqa: E731
+    x = torch.zeros(1, 1, *input_shape[1:], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(f(x).sum(), x)
+    return math.sqrt(round(float(g.max())))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,10 +259,10 @@ def _other_factor(module: nn.Module, input_shape, tol, max_iter) -> tuple[float,
         return value, f"linear pooling, power iteration ({it} it)"
     try:
         return closed_form(module), "activation, closed form (Table 2.1)"
-    except ValueError:
-        raise ValueError(f"no Lipschitz factor known for {type(module).__name__}; supported: Linear, Conv2d, "
-                         "BatchNorm, Normalize, activations of Table 2.1, MaxPool2d, average pools, Dropout, "
-                         "Flatten, Identity") from None
+    except ValueError as e:
+        raise ValueError(f"no Lipschitz factor known for {type(module).__name__} ({e}); supported: Linear, "
+                         "Conv2d, BatchNorm, Normalize, activations of Table 2.1, MaxPool2d, average pools, "
+                         "Dropout, Flatten, Identity") from None
 
 
 def layer_bounds(model: nn.Module, sample: torch.Tensor, tol: float = TOL, max_iter: int = MAX_ITER

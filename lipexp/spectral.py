@@ -204,11 +204,13 @@ def error_trials(
     seed: int = 1,
     order: int = 2,
     dtype: torch.dtype = torch.float64,
+    chunk: int = 100,
 ) -> torch.Tensor:
     """Errors eps over random matrices (Fig. 3.4): ``[min(m, n), trials]``, row k for s_k.
 
-    Order 2 uses ``autograd_hessians_batched`` as the reference; order 1 uses the batched reverse-mode
-    Jacobian of ``svdvals``. Matrices are drawn by ``random_matrices(shape, dist, trials, seed)``.
+    Order 2 uses ``autograd_hessians_batched`` as the reference (``chunk`` trials at a time, to bound
+    memory); order 1 the batched reverse-mode Jacobian of ``svdvals``. Matrices are drawn by
+    ``random_matrices(shape, dist, trials, seed)``.
     """
     from torch.func import jacrev, vmap
 
@@ -217,18 +219,28 @@ def error_trials(
     A = random_matrices(shape, dist, trials, seed, dtype)
     m, n = shape
     r = min(m, n)
-    if order == 2:
-        ref = autograd_hessians_batched(A)
-        closed = singular_value_hessian
-    else:
-        f = lambda x: torch.linalg.svdvals(_unvec(x, m, n))  # noqa: E731
-        ref = vmap(jacrev(f))(A.transpose(1, 2).reshape(trials, m * n))
-        closed = singular_value_jacobian
+    f = lambda x: torch.linalg.svdvals(_unvec(x, m, n))  # noqa: E731
+    closed = singular_value_hessian if order == 2 else singular_value_jacobian
     err = torch.empty(r, trials, dtype=torch.float64)
-    for t in range(trials):
-        for k in range(r):
-            err[k, t] = _eps(closed(A[t], k), ref[t, k])
+    for start in range(0, trials, chunk):
+        Ac = A[start:start + chunk]
+        ref = autograd_hessians_batched(Ac) if order == 2 else vmap(jacrev(f))(Ac.transpose(1, 2).reshape(
+            Ac.shape[0], m * n))
+        for t in range(Ac.shape[0]):
+            for k in range(r):
+                err[k, start + t] = _eps(closed(Ac[t], k), ref[t, k])
     return err
+
+
+def fig3_4_errors(
+    trials: int = 500,
+    seed: int = 1,
+    shapes: tuple[tuple[int, int], ...] = ((6, 10), (10, 6), (8, 8)),
+    dists: tuple[str, ...] = DISTRIBUTIONS,
+    order: int = 2,
+) -> dict[str, torch.Tensor]:
+    """``{"normal 6x10": errors [r, trials], ...}``: Fig. 3.4 (6 x 10) extended to tall and square shapes."""
+    return {f"{d} {m}x{n}": error_trials((m, n), d, trials, seed, order) for m, n in shapes for d in dists}
 
 
 def error_summary(errors: dict[str, torch.Tensor]) -> list[dict]:

@@ -9,11 +9,22 @@ from lipexp.spectral import (
     compare_derivatives,
     error_summary,
     error_trials,
+    fig3_4_errors,
     random_matrices,
     singular_value_hessian,
     singular_value_jacobian,
     vec,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # small tensors: intra-op threads only add contention on a shared CPU (measured 15 s vs 270 s under load)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 SHAPES = [(6, 10), (10, 6), (7, 7), (1, 4), (4, 1), (3, 5)]
 TOL = 1e-12  # absolute, float64, entries O(1); measured errors are ~1e-15
@@ -131,3 +142,15 @@ def test_figure_data_and_batched_reference():
     assert err.shape == (3, 20) and err.max() < TOL
     assert error_trials((4, 3), "normal", trials=5, order=1).max() < TOL
     assert len(error_summary({"n": err})) == 3
+
+
+def test_fig3_4_cases_and_plots():
+    from lipexp.plots_ch3 import plot_derivative_pairs, plot_error_histograms
+
+    errs = fig3_4_errors(trials=4, shapes=((3, 5), (5, 3), (4, 4)))
+    assert list(errs) == ["normal 3x5", "uniform 3x5", "normal 5x3", "uniform 5x3", "normal 4x4", "uniform 4x4"]
+    assert errs["normal 4x4"].shape == (4, 4) and max(float(e.max()) for e in errs.values()) < TOL
+    A = random_matrices((3, 5), seed=1)
+    fig = plot_derivative_pairs(compare_derivatives(A, order=1), (3, 5), "Jacobian")
+    assert len([ax for ax in fig.axes if ax.images]) == 6  # 3 k x (closed form, autograd)
+    assert len(plot_error_histograms(errs).axes) == 6
