@@ -132,7 +132,7 @@ def test_sparsefool(small32):
         flipped = (small32(adv).argmax(1) != y)
     assert flipped.all()
     changed = (adv != x).flatten(1).sum(1)
-    assert (changed < x[0].numel() / 3).all()  # sparse: most pixel values untouched  # sparse: not every pixel location is touched
+    assert (changed < x[0].numel() / 3).all()  # sparse: most pixel values untouched
 
 
 def test_one_pixel(small32):
