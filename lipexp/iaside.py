@@ -229,11 +229,13 @@ def coalition_filter(
 def band_images(
     images: torch.Tensor, num_bands: int, partition: str = "linf", spectrum: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``Re IFFT(FFT(x) T_i)`` for each band: N x M x C x H x W (float64; ``spectrum`` = FFT(x) if known)."""
+    """``Re IFFT(S T_i)`` for each band, ``S = FFT(x)`` or the given complex ``spectrum``: N x M x C x H x W (float64)."""
     h, w = images.shape[-2:]
     masks = band_masks(h, w, num_bands, partition, images.device).to(torch.float64)
-    spec = torch.fft.fft2(images.to(torch.float64)) if spectrum is None else spectrum
-    return torch.fft.ifft2(spec.unsqueeze(1) * masks.view(1, num_bands, 1, h, w)).real
+    if spectrum is None:  # real x and symmetric masks: the half spectrum (rfft) holds everything
+        half = torch.fft.rfft2(images.to(torch.float64)).unsqueeze(1)
+        return torch.fft.irfft2(half * masks[..., : w // 2 + 1].view(1, num_bands, 1, h, -1), s=(h, w))
+    return torch.fft.ifft2(spectrum.unsqueeze(1) * masks.view(1, num_bands, 1, h, w)).real
 
 
 def _subset_sums(base: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:

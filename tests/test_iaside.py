@@ -188,12 +188,13 @@ def test_bandsum_matches_fft_reference_float32_m8():
     torch.testing.assert_close(fast, ref, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("hw", [(16, 16), (15, 17)])
 @pytest.mark.parametrize("absence", ABS)
-def test_coalition_images_match_filter(absence):
-    x = _images(3, 3, 16, 16)
+def test_coalition_images_match_filter(absence, hw):
+    x = _images(3, 3, *hw)
     imgs = iaside.coalition_images(x, num_bands=3, absence=absence, seed=2)
     b = iaside.absence_spectrum(x, absence, seed=2)
-    assert imgs.shape == (8, 3, 3, 16, 16)
+    assert imgs.shape == (8, 3, 3, *hw)
     for k in range(8):
         torch.testing.assert_close(imgs[k], iaside.coalition_filter(x, k, 3, "linf", b), atol=1e-12, rtol=0)
     torch.testing.assert_close(imgs[-1], x, atol=1e-12, rtol=0)  # all bands present: the image itself
