@@ -84,6 +84,7 @@ def test_efficientnet_lite_loads(variant, params):
         assert model(torch.rand(1, 3, 224, 224)).shape == (1, 1000)
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_accuracy_on_imagenet_sample(tmp_path):
     mirror = _mirror()
     if mirror is None:
