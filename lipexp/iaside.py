@@ -30,6 +30,7 @@ from lipexp.frequency import PARTITIONS, band_masks
 ABSENCES = ("zero", "complex_gaussian", "replacement")
 METHODS = ("bandsum", "fft")
 MAX_BANDS = 16  # 2^16 forward passes per image is already far beyond any practical budget
+BLOCK_ELEMENTS = 2**22  # coalition-image elements built at once by the band-sum path (16 MiB in float32)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -227,11 +228,20 @@ def coalition_filter(
 
 
 def band_images(
-    images: torch.Tensor, num_bands: int, partition: str = "linf", spectrum: torch.Tensor | None = None
+    images: torch.Tensor,
+    num_bands: int,
+    partition: str = "linf",
+    spectrum: torch.Tensor | None = None,
+    masks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``Re IFFT(S T_i)`` for each band, ``S = FFT(x)`` or the given complex ``spectrum``: N x M x C x H x W (float64)."""
+    """``Re IFFT(S T_i)`` for each band, ``S = FFT(x)`` or the given complex ``spectrum``: N x M x C x H x W (float64).
+
+    ``masks`` (M x H x W) may be passed to skip rebuilding ``band_masks``.
+    """
     h, w = images.shape[-2:]
-    masks = band_masks(h, w, num_bands, partition, images.device).to(torch.float64)
+    if masks is None:
+        masks = band_masks(h, w, num_bands, partition, images.device)
+    masks = masks.to(images.device, torch.float64)
     if spectrum is None:  # real x and symmetric masks: the half spectrum (rfft) holds everything
         half = torch.fft.rfft2(images.to(torch.float64)).unsqueeze(1)
         return torch.fft.irfft2(half * masks[..., : w // 2 + 1].view(1, num_bands, 1, h, -1), s=(h, w))
@@ -278,16 +288,19 @@ def _coalition_batches(
                 spec = spec + baseline[n_idx] * (1.0 - tk)
             yield torch.fft.ifft2(spec).real.to(images.dtype), n_idx, k_idx
         return
-    nb = max(1, batch_size // ncoal)  # images per block; a block holds all its 2^M coalition images
+    # Images per block: a block holds all 2^M coalition images of its images. Blocks bigger than a
+    # batch mean fewer, larger tensor ops (per-op latency dominates on small images).
+    nb = max(1, batch_size // ncoal, BLOCK_ELEMENTS // (ncoal * images[0].numel()))
+    masks = band_masks(*images.shape[-2:], num_bands, partition, dev)
     for s in range(0, n, nb):
         idx = torch.arange(s, min(s + nb, n), device=dev)
         x = images[idx]
-        parts = band_images(x, num_bands, partition)
+        parts = band_images(x, num_bands, partition, masks=masks)
         if baseline is None:
             base = torch.zeros_like(x)
         else:
             b = baseline[idx]
-            parts = parts - band_images(x, num_bands, partition, spectrum=b)
+            parts = parts - band_images(x, num_bands, partition, spectrum=b, masks=masks)
             base = torch.fft.ifft2(b).real.to(x.dtype)
         flat = _subset_sums(base.flatten(1), parts.to(x.dtype).flatten(2))  # 2^M x nb x D
         flat = flat.view(ncoal * len(idx), *x.shape[1:])

@@ -36,6 +36,15 @@ def cifar_images(n: int) -> tuple[torch.Tensor, str]:
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255, f"CIFAR-10 test images ({path})"
 
 
+def imagenet_images(n: int) -> tuple[torch.Tensor, str]:
+    path = Path(os.environ.get("LIPEXP_DATA_MIRROR", "../shared/data")) / "imagenet_sample224.npz"
+    if not path.is_file():
+        return torch.rand(n, 3, 224, 224), "uniform noise (no data mirror found)"
+    cache = Path(os.environ.get("LIPEXP_CACHE", Path.home() / ".cache" / "lipexp"))
+    x, _ = zoo.load_imagenet_sample(path, cache, n=n)
+    return x.float() / 255, f"ImageNet sample ({path})"
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -53,21 +62,26 @@ def main() -> None:
     ap.add_argument("--bands", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--models", default="convnet,resnet18")
+    ap.add_argument("--models", default="convnet,resnet18",
+                    help="CIFAR zoo names, or efficientnet_lite0 (ImageNet sample at 224x224)")
     ap.add_argument("--e2e", default="convnet", help="models timed end to end (comma list, may be empty)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    x, source = cifar_images(args.images)
-    y = torch.zeros(args.images, dtype=torch.long)
     m, bs, n = args.bands, args.batch_size, args.images
     total = n * 2**m
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n} images ({source}); "
+    y = torch.zeros(n, dtype=torch.long)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n} images; "
           f"M = {m} ({2**m} coalitions, {total} coalition images); batch {bs}; {args.repeats} interleaved repeats")
     for name in [s for s in args.models.split(",") if s]:
         torch.manual_seed(0)
-        model = zoo.cifar_model(name).eval()
+        if name == "efficientnet_lite0":
+            model = zoo.efficientnet_lite(0)
+            x, source = imagenet_images(n)
+        else:
+            model = zoo.cifar_model(name).eval()
+            x, source = cifar_images(n)
         batch = next(iaside._coalition_batches(x, m, "linf", None, bs, "bandsum"))[0]
         with torch.no_grad():
             model(batch)  # warm-up
@@ -83,7 +97,7 @@ def main() -> None:
                 t["e2e_fft"].append(timed(lambda: iaside.spectral_importance(model, x, y, method="fft", **kw)))
         fwd = {k: v * total / batch.shape[0] for k, v in
                (("min", min(t["forward_batch"])), ("median", statistics.median(t["forward_batch"])))}
-        print(f"\n[{name}] {zoo.parameter_count(model):,} parameters")
+        print(f"\n[{name}] {zoo.parameter_count(model):,} parameters; {tuple(x.shape[1:])} {source}")
         for key in ("min", "median"):
             agg = min if key == "min" else statistics.median
             fb, ff = agg(t["filter_bandsum"]), agg(t["filter_fft"])

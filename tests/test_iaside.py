@@ -169,12 +169,16 @@ def test_symmetry():
 
 @pytest.mark.parametrize("partition", ["linf", "l2"])
 @pytest.mark.parametrize("absence", ABS)
-def test_bandsum_matches_fft_reference(tiny64, absence, partition):
+def test_bandsum_matches_fft_reference(tiny64, absence, partition, monkeypatch):
     x, y = _images(3, 3, 32, 32), _labels(3, 10)
     kw = dict(num_bands=4, absence=absence, partition=partition, seed=5)
-    v_fast = iaside.coalition_values(tiny64, x, y, batch_size=7, **kw)  # batch < 2^M: one image per block
     v_ref = iaside.coalition_values(tiny64, x, y, method="fft", batch_size=20, **kw)
+    v_fast = iaside.coalition_values(tiny64, x, y, batch_size=7, **kw)  # all images in one block
     torch.testing.assert_close(v_fast, v_ref, atol=1e-11, rtol=0)
+    monkeypatch.setattr(iaside, "BLOCK_ELEMENTS", 1)  # one image per block, batches split coalitions
+    v_fast1 = iaside.coalition_values(tiny64, x, y, batch_size=7, **kw)
+    torch.testing.assert_close(v_fast1, v_ref, atol=1e-11, rtol=0)
+    monkeypatch.undo()
     psi_ref = iaside.spectral_importance_reference(tiny64, x, y, **kw)
     torch.testing.assert_close(iaside.spectral_importance(tiny64, x, y, **kw), psi_ref, atol=1e-11, rtol=0)
 
