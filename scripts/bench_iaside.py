@@ -1,6 +1,7 @@
 """Benchmark the I-ASIDE engine: band-sum path vs per-coalition FFT path, filtering vs forward time.
 
-Usage: PYTHONPATH=. python scripts/bench_iaside.py [--images 32] [--bands 8] [--repeats 3]
+Usage: PYTHONPATH=. python scripts/bench_iaside.py [--images 32] [--bands 8] [--repeats 3] [--threads 1]
+(``--threads 1`` gives steadier numbers on a shared machine: small ops suffer from thread hand-offs.)
 
 For each model it times, interleaved over repeats (min and median reported):
 - filtering alone: producing all 2^M x N coalition images by each path, without the model;
