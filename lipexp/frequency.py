@@ -70,3 +70,76 @@ def highpass(images: torch.Tensor, cutoff: float, partition: str = "linf") -> to
 def _check_cutoff(cutoff: float) -> None:
     if not 0.0 <= cutoff <= 1.0:
         raise ValueError(f"normalised cutoff must lie in [0, 1], got {cutoff}")
+
+
+# ------------------------------------------------------------------ radial energy spectra (Figs. 6.1, 6.2)
+
+
+def ring_index(h: int, w: int, device=None) -> torch.Tensor:
+    """Integer l2 radius ``round(sqrt(du^2 + dv^2))`` of each frequency of an h x w spectrum (h x w, long).
+
+    ``du, dv`` are signed frequency indices (``fftfreq * n``), i.e. distances from the centre of
+    the ``fftshift``-ed spectrum, so the rings equal those drawn on a centred spectrum.
+    """
+    du = torch.fft.fftfreq(h, d=1.0 / h, device=device, dtype=torch.float64).view(h, 1)
+    dv = torch.fft.fftfreq(w, d=1.0 / w, device=device, dtype=torch.float64).view(1, w)
+    return torch.sqrt(du**2 + dv**2).round().long()
+
+
+def radial_esd(images: torch.Tensor, max_radius: int | None = None) -> torch.Tensor:
+    """ESD_r: mean of ``|fft2(x)|^2`` over the ring of integer radius r = 0..R; ... x H x W -> ... x (R+1).
+
+    ``R = max_radius`` defaults to ``min(H, W) // 2`` (rings that lie wholly inside the spectrum).
+    The FFT is unnormalised (``torch.fft.fft2``'s default), so ratios such as the SNR do not depend on it.
+    """
+    h, w = images.shape[-2:]
+    rmax = min(h, w) // 2 if max_radius is None else int(max_radius)
+    ring = ring_index(h, w, images.device)
+    if not 0 <= rmax <= int(ring.max()):
+        raise ValueError(f"max_radius must lie in [0, {int(ring.max())}] for a {h}x{w} image, got {rmax}")
+    energy = torch.fft.fft2(images.to(torch.float64)).abs().square().flatten(-2)
+    keep = (ring <= rmax).flatten()
+    idx = ring.flatten()[keep]
+    sums = energy.new_zeros((*energy.shape[:-1], rmax + 1)).index_add_(-1, idx, energy[..., keep])
+    counts = torch.bincount(idx, minlength=rmax + 1).to(sums.dtype)
+    return sums / counts
+
+
+def spectral_snr_db(
+    images: torch.Tensor, perturbations: torch.Tensor, max_radius: int | None = None, reduce: bool = True
+) -> torch.Tensor:
+    """Spectral SNR ``10 log10(ESD_r(x) / ESD_r(dx))`` in dB for r = 0..R.
+
+    With ``reduce`` the ESDs are first averaged over all leading dimensions (images, channels),
+    giving one curve of length R+1; otherwise one curve per leading index. A ring where the
+    perturbation has no energy gives +inf.
+    """
+    if images.shape != perturbations.shape:
+        raise ValueError(
+            f"images and perturbations must have the same shape, got {tuple(images.shape)} "
+            f"and {tuple(perturbations.shape)}"
+        )
+    ex, ed = radial_esd(images, max_radius), radial_esd(perturbations, max_radius)
+    if reduce:
+        ex, ed = ex.reshape(-1, ex.shape[-1]).mean(0), ed.reshape(-1, ed.shape[-1]).mean(0)
+    return 10.0 * torch.log10(ex / ed)
+
+
+def power_law_fit(esd: torch.Tensor, r_min: int = 1, r_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares fit ``log ESD_r = c + slope * log r`` over ``r_min <= r <= r_max``; returns (slope, c).
+
+    ``esd`` is ... x (R+1) indexed by radius (``radial_esd``); r = 0 (the DC term) cannot enter a
+    log-log fit, hence ``r_min >= 1``. Natural logs; works on leading dimensions in parallel.
+    """
+    n = esd.shape[-1]
+    r_max = n - 1 if r_max is None else r_max
+    if not 1 <= r_min < r_max <= n - 1:
+        raise ValueError(f"need 1 <= r_min < r_max <= {n - 1}, got r_min={r_min}, r_max={r_max}")
+    seg = esd[..., r_min : r_max + 1].to(torch.float64)
+    if (seg <= 0).any():
+        raise ValueError("ESD values must be > 0 for a log-log fit")
+    lx = torch.log(torch.arange(r_min, r_max + 1, dtype=torch.float64, device=esd.device))
+    ly = torch.log(seg)
+    xc = lx - lx.mean()
+    slope = ((ly - ly.mean(-1, keepdim=True)) * xc).sum(-1) / xc.square().sum()
+    return slope, ly.mean(-1) - slope * lx.mean()
