@@ -1,0 +1,697 @@
+"""Chapter 4 engine: drift, diffusion and noise-curvature of every weight matrix at each SGD step,
+and the predicted K(t) (theory.md §1-§3, thesis Theorems 4.6.5-4.6.8).
+
+Per step and per weight matrix W (m x n, Conv2d reshaped to out x in*kh*kw) with SVD
+``W = U diag(s) V^T`` and per-sample gradients ``G_i`` (i = 1..M):
+
+- ``sigma1 = s_1`` before the step;
+- ``mu = <u_1 v_1^T, dW> / (s_1 * lr)`` from the applied update ``dW`` (plain SGD: ``-u_1^T g v_1 / s_1``);
+- ``lambda2 = lr / s_1^2 * J^T Sigma J`` and ``kappa = lr / (2 s_1) * <H, Sigma>``, with
+  ``Sigma = grad_scale^2 * sum_i vec(G~_i) vec(G~_i)^T / (M (M-1)) + noise_var * I``, ``G~_i = G_i - mean G``,
+  J and H the gradient and Hessian of ``s_1`` (thesis Lemmas 4.6.2, 4.6.3).
+
+Nothing of size M*m*n is formed for these: hooks collect the per-sample projections ``a_i = G_i v_1``
+(length m) and ``b_i = G_i^T u_1`` (length n) from the forward/backward pass that makes the step, and
+``<H, G~ G~^T>`` only needs them projected on the thin SVD (theory.md §2). The optional variance/covariance
+split (thesis Prop. 4.4.2) uses ``diag(Sigma)`` against ``diag(H)`` in closed form; for convolutions (and
+Linear layers applied to sequences) it forms per-sample gradients, a chunk of samples at a time.
+
+Per-sample gradient convention: ``G_i = sum_p delta_{i,p} x_{i,p}^T`` with ``delta`` the gradient of the
+*summed* loss with respect to the layer output (the loop may backprop the mean; the tracker rescales).
+Without batch coupling this is the exact gradient of sample i's loss. With BatchNorm in training mode
+(samples coupled through batch statistics) it is the definition used; ``sum_i G_i`` is still M times the
+batch gradient. Dropout masks, mixup, label smoothing or adversarial inputs: the per-sample terms are those
+of the very forward pass that produced the step. BatchNorm layers do not enter K(t) (theory.md §1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipexp.layers import weight_layers
+
+__all__ = [
+    "DynamicsTracker",
+    "KIntegrator",
+    "integrate",
+    "step_terms",
+    "term_columns",
+    "network_sums",
+    "thin_svd",
+]
+
+TERMS = ("sigma1", "mu", "kappa", "lambda2")
+SPLIT_TERMS = ("kappa_var", "kappa_cov", "lambda2_var", "lambda2_cov")
+
+
+# ----------------------------------------------------------------------------------------------
+# Thin SVD and the operator-norm Hessian in projected form
+# ----------------------------------------------------------------------------------------------
+def thin_svd(w: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Singular triplets of ``w`` (m x n) with ``s_k > rtol * s_1``, in float64, ``s`` descending.
+
+    Returns ``s`` (k,), ``U`` (m x k), ``V`` (n x k). Computed from ``eigh`` of the smaller Gram matrix in
+    float64 (far cheaper than a full SVD of a 256 x 2048 layer); the other side follows as
+    ``W^T U / s`` (or ``W V / s``), so ``W v_k = s_k u_k`` holds to float64 rounding. Dropped
+    triplets (numerically zero singular values) are handled by the callers as ``s = 0``, which is
+    what they are to within ``rtol``: their Hessian coefficient ``s_1 / (s_1^2 - s^2)`` is then
+    ``1 / s_1`` to relative ``rtol^2``. The tolerance also keeps ``V`` orthonormal to about
+    ``eps64 / rtol``, since the Gram route squares the condition number.
+    """
+    wd = w.detach().to(torch.float64)
+    m, n = wd.shape
+    wide = m <= n
+    lam, q = torch.linalg.eigh(wd @ wd.T if wide else wd.T @ wd)
+    lam, q = lam.flip(0), q.flip(1)
+    s = lam.clamp_min(0).sqrt()
+    keep = s > rtol * s[0]
+    s, q = s[keep], q[:, keep]
+    if wide:
+        return s, q, (wd.T @ q) / s
+    return s, (wd @ q) / s, q
+
+
+def _hessian_coefficients(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``c_k = s_1/(s_1^2-s_k^2)`` and ``e_k = s_k/(s_1^2-s_k^2)`` for k = 2..len(s) (thesis Lemma 4.6.3)."""
+    s1, sk = s[0], s[1:]
+    gap = s1 * s1 - sk * sk
+    return s1 / gap, sk / gap
+
+
+def _check_spectrum(name: str, s: torch.Tensor) -> None:
+    if len(s) == 0 or not float(s[0]) > 0:
+        raise ValueError(f"weight '{name}' is zero: sigma_1 = 0, so the Chapter 4 terms (which divide by it) are undefined")
+    if len(s) > 1 and float(s[0] ** 2 - s[1] ** 2) <= 1e-12 * float(s[0] ** 2):
+        raise ValueError(
+            f"weight '{name}' has a repeated top singular value (s1 = {float(s[0]):.6g}, s2 = {float(s[1]):.6g}); "
+            "the operator norm is then not differentiable (thesis Assumption 4.6.1) and kappa is undefined. "
+            "An orthogonal or identity initialisation does this: perturb the weights or use a random init."
+        )
+
+
+def hessian_quadratic_sum(
+    pa: torch.Tensor, pb: torch.Tensor, na2: torch.Tensor, nb2: torch.Tensor, s: torch.Tensor, m: int, n: int
+) -> torch.Tensor:
+    """``sum_i q(G_i)`` with ``q(G) = vec(G)^T H vec(G)`` (theory.md §1), from projections only.
+
+    ``pa = A U`` (M x k) and ``pb = B V`` (M x k) with rows ``a_i = G_i v_1``, ``b_i = G_i^T u_1``;
+    ``na2 = sum_i |a_i|^2``, ``nb2 = sum_i |b_i|^2``; ``s`` the k kept singular values of the m x n
+    matrix. Indices past the thin SVD (all of ``i <= m`` on the left, ``j <= n`` on the right) have
+    ``s = 0`` and coefficient ``1/s_1``; their share is what ``U`` (``V``) does not capture of ``|a|^2``
+    (``|b|^2``). The cross term only runs over the rank.
+    """
+    c, e = _hessian_coefficients(s)
+    sa, sb = (pa * pa).sum(0), (pb * pb).sum(0)
+    k = len(s)
+    out = c @ sa[1:] + c @ sb[1:] + 2.0 * (e @ (pa[:, 1:] * pb[:, 1:]).sum(0))
+    if m > k:
+        out = out + (na2 - sa.sum()) / s[0]
+    if n > k:
+        out = out + (nb2 - sb.sum()) / s[0]
+    return out
+
+
+def hessian_trace(s: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """``tr(H) = sum_{i=2..m} s1/(s1^2-s_i^2) + sum_{j=2..n} s1/(s1^2-s_j^2)`` with ``s_i = 0`` past ``s``."""
+    c, _ = _hessian_coefficients(s)
+    k = len(s)
+    return 2.0 * c.sum() + (m - k + n - k) / s[0]
+
+
+def hessian_diagonal_dot(d: torch.Tensor, s: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``sum_{ab} diag(H)_{ab} D_{ab}`` for an m x n matrix ``D``, with ``diag(H)`` in closed form.
+
+    ``diag(H)_{ab} = alpha_a v1_b^2 + u1_a^2 beta_b + 2 u1_a v1_b sum_{k>=2} e_k U_ak V_bk`` where
+    ``alpha_a = sum_{i=2..m} c_i U_ai^2`` (rows of the full U have unit norm, which gives the part past
+    the thin SVD) and ``beta`` likewise from V.
+    """
+    m, n = d.shape
+    k = len(s)
+    c, e = _hessian_coefficients(s)
+    u1, v1 = u[:, 0], v[:, 0]
+    alpha = (u[:, 1:] ** 2) @ c
+    beta = (v[:, 1:] ** 2) @ c
+    if m > k:
+        alpha = alpha + (1.0 - (u * u).sum(1)) / s[0]
+    if n > k:
+        beta = beta + (1.0 - (v * v).sum(1)) / s[0]
+    u1s, v1s = u1 * u1, v1 * v1
+    out = alpha @ d @ v1s + u1s @ d @ beta
+    if k > 1:
+        left = (u1[:, None] * u[:, 1:]).T @ d  # (k-1) x n
+        out = out + 2.0 * (e @ (left * (v1[:, None] * v[:, 1:]).T).sum(1))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-layer state and the hook computations
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _ConvGeom:
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pad: tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
+
+
+def _conv_geometry(name: str, mod: nn.Conv2d) -> _ConvGeom:
+    if mod.groups != 1:
+        raise ValueError(
+            f"layer '{name}' is a grouped Conv2d (groups={mod.groups}); its weight matrix is not the operator "
+            "of the layer and the tracker does not support it"
+        )
+    if mod.padding_mode != "zeros":
+        raise ValueError(
+            f"layer '{name}' uses padding_mode='{mod.padding_mode}'; the tracker supports zero padding only"
+        )
+    kh, kw = mod.kernel_size
+    dh, dw = mod.dilation
+    if isinstance(mod.padding, str):
+        if mod.padding == "valid":
+            ph, pw = (0, 0), (0, 0)
+        else:  # 'same' (stride 1): PyTorch puts the odd extra pixel on the bottom/right
+            th, tw = dh * (kh - 1), dw * (kw - 1)
+            ph, pw = (th // 2, th - th // 2), (tw // 2, tw - tw // 2)
+    else:
+        ph, pw = (mod.padding[0],) * 2, (mod.padding[1],) * 2
+    return _ConvGeom((kh, kw), tuple(mod.stride), (dh, dw), (pw[0], pw[1], ph[0], ph[1]))
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    param: nn.Parameter
+    geom: _ConvGeom | None  # None for Linear
+    # set by begin()
+    s: torch.Tensor | None = None  # (k,) float64
+    u: torch.Tensor | None = None  # (m, k) float64
+    v: torch.Tensor | None = None  # (n, k) float64
+    u1: torch.Tensor | None = None  # (m,) model dtype
+    v1: torch.Tensor | None = None  # (n,) model dtype
+    snapshot: torch.Tensor | None = None
+    # per step, from the hooks
+    called: bool = False
+    x: torch.Tensor | None = None
+    x_version: int = 0
+    z: torch.Tensor | None = None  # x_{i,p} . v1, (M, P)
+    a: torch.Tensor | None = None  # (M, m), reduced-loss scale
+    b: torch.Tensor | None = None  # (M, n)
+    sumsq: torch.Tensor | None = None  # split only: sum_i G_i^2 (m, n)
+    gsum: torch.Tensor | None = None  # split only: sum_i G_i (m, n)
+    grad_checked: bool = False
+    handles: list = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.param.shape[0], self.param[0].numel()
+
+    def clear_step(self) -> None:
+        self.called, self.x, self.z, self.a, self.b = False, None, None, None, None
+        self.sumsq, self.gsum, self.grad_checked = None, None, False
+
+
+def _chunk(budget: int, per_sample: int, total: int) -> int:
+    return max(1, min(total, budget // max(per_sample, 1)))
+
+
+class DynamicsTracker:
+    """Per-step sigma1, mu, kappa, lambda2 of every Linear/Conv2d weight of ``model``.
+
+    Usage per training step (the loop backprops the *mean* of per-sample losses, or the sum with
+    ``reduction='sum'``)::
+
+        tracker.begin()                      # SVDs of the current weights, snapshot, hooks armed
+        losses = loss_fn(model(x), y)        # (M,) per-sample losses, ONE forward with grad
+        losses.mean().backward()
+        optimizer.step()                     # or any manual update (weight decay, scaling, noise)
+        terms = tracker.end()                # {param name: {sigma1, mu, kappa, lambda2[, *_var, *_cov]}}
+
+    Hooks capture only between ``begin()`` and ``end()``: work done before ``begin()`` (an FGSM attack's
+    forward/backward) is not seen, and forwards under ``torch.no_grad()`` are ignored. A second
+    forward with grad through a layer inside one step is an error.
+
+    - ``lr``: the step size (``dt``); update ``tracker.lr`` if it changes.
+    - ``split``: also the variance (diag Sigma) / covariance (off-diagonal) parts of kappa, lambda2.
+    - ``grad_scale``: the loop multiplies the batch gradient by this (thesis Fig. 4.6's ``sqrt(rho)``), so
+      the per-sample noise covariance is scaled by its square; the drift comes from the applied update.
+    - ``noise_var``: per-coordinate variance of isotropic noise the loop adds to the batch gradient
+      (``(1-rho)`` for N(0,1), ``(1-rho)/12`` for U[-0.5, 0.5]); adds ``lr*noise_var/s1^2`` to lambda2 and
+      ``lr/(2 s1) noise_var tr(H)`` to kappa (counted in the variance part: the noise is diagonal).
+    - ``optimizer``: if given, it must be plain SGD (no momentum, nesterov or maximize; weight decay is
+      fine): the SDE of the thesis models that update. Other optimisers raise unless ``sigma1_only``.
+      Without it the tracker trusts that the update is ``-lr * (grad_scale * grad + noise)`` plus
+      deterministic terms.
+    - ``sigma1_only``: track ``sigma1`` alone (no hooks), for any optimiser.
+    - ``check_grad``: during backward, check that each weight's ``.grad`` is the sum of what its
+      module's hooks saw (catches tied weights, weights used outside their module, gradients not
+      zeroed, a second backward). Turn off if the loss deliberately adds terms on the weights (an L2
+      penalty in the loss; the applied-update drift still handles it exactly).
+    - ``chunk_elems``: memory budget (elements) of a chunk of per-sample gradients in the split.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        split: bool = False,
+        grad_scale: float = 1.0,
+        noise_var: float = 0.0,
+        optimizer: torch.optim.Optimizer | None = None,
+        sigma1_only: bool = False,
+        reduction: str = "mean",
+        check_grad: bool = True,
+        svd_rtol: float = 1e-6,
+        chunk_elems: int = 1 << 22,
+    ):
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum' (how the loop reduces per-sample losses), got {reduction!r}")
+        if noise_var < 0:
+            raise ValueError(f"noise_var is a variance and must be >= 0, got {noise_var}")
+        if sigma1_only and (split or noise_var or grad_scale != 1.0):
+            raise ValueError("sigma1_only=True tracks sigma1 alone; split, grad_scale and noise_var do not apply")
+        self.model, self.lr, self.split = model, float(lr), split
+        self.grad_scale, self.noise_var = float(grad_scale), float(noise_var)
+        self.optimizer, self.sigma1_only, self.reduction = optimizer, sigma1_only, reduction
+        self.check_grad, self.svd_rtol, self.chunk_elems = check_grad, svd_rtol, chunk_elems
+        self.layers = [self._make_layer(name, mod) for name, mod in weight_layers(model)]
+        if not self.layers:
+            raise ValueError("model has no nn.Linear / nn.Conv2d weight to track")
+        if optimizer is not None and not sigma1_only:
+            self._check_optimizer()
+        self.armed = False
+        self.last_projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if not sigma1_only:
+            for layer in self.layers:
+                layer.handles.append(layer.module.register_forward_hook(self._forward_hook(layer), with_kwargs=True))
+                layer.handles.append(layer.param.register_post_accumulate_grad_hook(self._param_hook(layer)))
+
+    # -- setup -----------------------------------------------------------------------------------
+    @staticmethod
+    def _make_layer(name: str, mod: nn.Module) -> _Layer:
+        base = nn.Conv2d if isinstance(mod, nn.Conv2d) else nn.Linear
+        if type(mod).forward is not base.forward:
+            raise ValueError(
+                f"layer '{name}' ({type(mod).__name__}) overrides the forward of nn.{base.__name__}; the tracker "
+                "cannot know how its weight is used"
+            )
+        geom = _conv_geometry(name, mod) if base is nn.Conv2d else None
+        return _Layer(name, mod, mod.weight, geom)
+
+    def _check_optimizer(self) -> None:
+        opt = self.optimizer
+        if type(opt) is not torch.optim.SGD:
+            raise ValueError(
+                f"the Chapter 4 prediction models plain SGD; got {type(opt).__name__}. Use torch.optim.SGD without "
+                "momentum, or DynamicsTracker(..., sigma1_only=True) to track sigma1 alone"
+            )
+        tracked = {id(layer.param) for layer in self.layers}
+        for group in opt.param_groups:
+            if not any(id(p) in tracked for p in group["params"]):
+                continue
+            bad = [k for k in ("momentum",) if group.get(k, 0)]
+            bad += [k for k in ("nesterov", "maximize") if group.get(k, False)]
+            if bad:
+                raise ValueError(
+                    f"the Chapter 4 prediction models plain SGD; this SGD has {', '.join(bad)} set "
+                    f"({ {k: group[k] for k in bad} }). Use momentum=0, or sigma1_only=True"
+                )
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for layer in self.layers:
+            for h in layer.handles:
+                h.remove()
+            layer.handles.clear()
+            layer.clear_step()
+        self.armed = False
+
+    def __enter__(self) -> "DynamicsTracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- per step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def begin(self) -> None:
+        """Thin SVD and snapshot of every weight; arm the hooks for one forward/backward."""
+        if self.armed:
+            raise RuntimeError("begin() called twice without end(); call abort() to drop a failed step")
+        for layer in self.layers:
+            layer.clear_step()
+            w = layer.param.detach().reshape(layer.param.shape[0], -1)
+            if self.sigma1_only:
+                g = w.to(torch.float64)
+                g = g @ g.T if g.shape[0] <= g.shape[1] else g.T @ g
+                layer.s = torch.linalg.eigvalsh(g)[-1:].clamp_min(0).sqrt()
+                continue
+            s, u, v = thin_svd(w, self.svd_rtol)
+            _check_spectrum(layer.name, s)
+            layer.s, layer.u, layer.v = s, u, v
+            layer.u1, layer.v1 = u[:, 0].to(w.dtype), v[:, 0].to(w.dtype)
+            layer.snapshot = w.clone()
+        self.armed = True
+
+    def abort(self) -> None:
+        """Disarm after a failed step (exception between begin() and end())."""
+        for layer in self.layers:
+            layer.clear_step()
+        self.armed = False
+
+    def end(self, updates: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+        """Terms of the step just taken. ``updates`` (name -> dW) replaces ``W_now - W_before``."""
+        if not self.armed:
+            raise RuntimeError("end() called without begin()")
+        self.armed = False
+        if self.sigma1_only:
+            return {layer.name: {"sigma1": float(layer.s[0])} for layer in self.layers}
+        lr = self._step_lr()
+        names, rows = [], []
+        self.last_projections = {}
+        with torch.no_grad():
+            for layer in self.layers:
+                if layer.called and layer.a is None:
+                    raise RuntimeError(
+                        f"layer '{layer.name}' ran forward but received no gradient: call backward() between "
+                        "the forward and end()"
+                    )
+                dw = updates[layer.name] if updates is not None else layer.param.detach() - layer.snapshot.view_as(layer.param)
+                names.append(layer.name)
+                rows.append(self._layer_terms(layer, dw.reshape(layer.shape), lr))
+            values = torch.stack([torch.stack(r) for r in rows]).tolist()  # one device sync
+        keys = TERMS + (SPLIT_TERMS if self.split else ())
+        for layer in self.layers:
+            layer.clear_step()
+            layer.snapshot = None
+        return {name: dict(zip(keys, vals)) for name, vals in zip(names, values)}
+
+    def _step_lr(self) -> float:
+        if self.optimizer is not None:
+            tracked = {id(layer.param) for layer in self.layers}
+            for group in self.optimizer.param_groups:
+                if any(id(p) in tracked for p in group["params"]) and group["lr"] != self.lr:
+                    raise ValueError(
+                        f"optimizer lr {group['lr']} differs from tracker lr {self.lr}; set tracker.lr when the "
+                        "learning rate changes"
+                    )
+        return self.lr
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _forward_hook(self, layer: _Layer) -> Callable:
+        def hook(module, args, kwargs, output):
+            if not self.armed or not torch.is_grad_enabled():
+                return None
+            if layer.called:
+                raise RuntimeError(
+                    f"layer '{layer.name}' was called twice with grad inside one tracked step (a second forward "
+                    "between begin() and end(), or a layer reused in the network); the per-sample terms need "
+                    "exactly one. Run extra forwards (e.g. an adversarial attack) before begin() or under no_grad"
+                )
+            layer.called = True
+            if not output.requires_grad:
+                return None
+            x = args[0] if args else kwargs["input"]
+            if x.shape[0] < 2 or (layer.geom is not None and x.dim() != 4):
+                raise ValueError(
+                    f"layer '{layer.name}' got input of shape {tuple(x.shape)}; the tracker needs a batch of at "
+                    "least 2 samples along dim 0 (N x C x H x W for Conv2d)"
+                )
+            with torch.no_grad():
+                layer.x, layer.x_version = x.detach(), x._version
+                if layer.geom is None:
+                    layer.z = layer.x @ layer.v1  # (M, *)
+                else:
+                    # x_{i,p} . v1 = u1 . (W x_{i,p}) / s1, since v1 = W^T u1 / s1: read off the layer's own
+                    # output instead of a 1-output-channel convolution (a pass over y, no conv)
+                    y = output.detach()
+                    mb, c = y.shape[:2]
+                    z = torch.matmul(layer.u1, y.reshape(mb, c, -1))  # (M, P)
+                    if module.bias is not None:
+                        z = z - layer.u1 @ module.bias.detach()
+                    layer.z = z / layer.s[0].to(z.dtype)
+            output.register_hook(self._grad_hook(layer))
+            return None
+
+        return hook
+
+    def _grad_hook(self, layer: _Layer) -> Callable:
+        def hook(grad):
+            if not self.armed:
+                return None
+            if layer.a is not None:
+                raise RuntimeError(
+                    f"layer '{layer.name}' received a second gradient in one tracked step (backward run twice?)"
+                )
+            if layer.x._version != layer.x_version:
+                raise RuntimeError(f"the input of layer '{layer.name}' was modified in place after its forward")
+            with torch.no_grad():
+                if layer.geom is None:
+                    self._linear_projections(layer, grad)
+                else:
+                    self._conv_projections(layer, grad)
+            layer.x, layer.z = None, None
+            return None
+
+        return hook
+
+    def _param_hook(self, layer: _Layer) -> Callable:
+        def hook(param):
+            if not self.armed or not self.check_grad:
+                return None
+            if layer.a is None:
+                raise RuntimeError(
+                    f"weight '{layer.name}' received a gradient that did not come through its "
+                    f"{type(layer.module).__name__} module inside the tracked step: the weight is used outside "
+                    "the module (tied or functional use), which the tracker cannot handle"
+                )
+            if layer.grad_checked:
+                raise RuntimeError(f"weight '{layer.name}' received a second gradient in one tracked step")
+            layer.grad_checked = True
+            with torch.no_grad():
+                got = param.grad.reshape(layer.shape) @ layer.v1
+                want = layer.a.sum(0)
+                err = float((got - want).norm())
+                scale = float(layer.a.norm(dim=1).sum())
+                tol = 1e4 * torch.finfo(layer.a.dtype).eps * scale + 1e-30
+                if not err <= tol:
+                    raise RuntimeError(
+                        f"the .grad of weight '{layer.name}' differs from the sum of the per-sample gradients its "
+                        f"module's hooks saw (|diff . v1| = {err:.3g}, scale {scale:.3g}). Causes: the weight is also "
+                        "used outside its module (tied weights), .grad was not zeroed before the step, "
+                        "gradients are accumulated over several backward passes, or the loss adds a term on the "
+                        "weights (an L2 penalty: fine for the tracker, pass check_grad=False)"
+                    )
+            return None
+
+        return hook
+
+    def _linear_projections(self, layer: _Layer, grad: torch.Tensor) -> None:
+        m, n = layer.shape
+        mb = grad.shape[0]
+        delta = grad.reshape(mb, -1, m)  # (M, T, m), T = 1 for a plain batch
+        x = layer.x.reshape(mb, -1, n)
+        z = layer.z.reshape(mb, -1)
+        du = delta @ layer.u1  # (M, T)
+        layer.a = torch.einsum("mt,mtc->mc", z, delta)
+        layer.b = torch.einsum("mt,mtn->mn", du, x)
+        if not self.split:
+            return
+        if delta.shape[1] == 1:
+            d2, x2 = delta[:, 0], x[:, 0]
+            layer.sumsq = (d2 * d2).T @ (x2 * x2)
+            layer.gsum = d2.T @ x2
+        else:
+            layer.sumsq = torch.zeros(m, n, dtype=grad.dtype, device=grad.device)
+            layer.gsum = torch.zeros_like(layer.sumsq)
+            step = _chunk(self.chunk_elems, m * n, mb)
+            for i in range(0, mb, step):
+                g = delta[i : i + step].transpose(1, 2) @ x[i : i + step]  # per-sample (s, m, n)
+                layer.sumsq += (g * g).sum(0)
+                layer.gsum += g.sum(0)
+
+    def _conv_projections(self, layer: _Layer, grad: torch.Tensor) -> None:
+        geo = layer.geom
+        m, n = layer.shape
+        mb, _, ho, wo = grad.shape
+        x = layer.x
+        c = x.shape[1]
+        (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.stride, geo.dilation
+        delta = grad.reshape(mb, m, ho * wo)
+        layer.a = torch.bmm(delta, layer.z.unsqueeze(2)).squeeze(2)  # (M, m): sum_p delta_{i,p} z_{i,p}
+        du = torch.matmul(layer.u1, delta)  # (M, P): u1 . delta_{i,p}
+        # pad, and crop what the strided windows never reach, in one copy (negative pads crop)
+        hp, wp = x.shape[2] + geo.pad[2] + geo.pad[3], x.shape[3] + geo.pad[0] + geo.pad[1]
+        hneed, wneed = sh * (ho - 1) + dh * (kh - 1) + 1, sw * (wo - 1) + dw * (kw - 1) + 1
+        pad = (geo.pad[0], geo.pad[1] - (wp - wneed), geo.pad[2], geo.pad[3] - (hp - hneed))
+        xp = F.pad(x, pad) if any(pad) else x.contiguous()
+        # b_i[c, ki, kj] = sum_p x_pad[i, c, s*p + d*k] du_{i,p}: every (sample, channel) is its own group
+        # correlated with that sample's du as kernel, dilated by the stride (theory.md §2)
+        kern = du.view(mb, 1, ho, wo).expand(mb, c, ho, wo).reshape(mb * c, 1, ho, wo)
+        out = F.conv2d(xp.view(1, mb * c, hneed, wneed), kern, dilation=(sh, sw), groups=mb * c)
+        if dh > 1 or dw > 1:
+            out = out[..., ::dh, ::dw]
+        layer.b = out.reshape(mb, n)
+        if not self.split:
+            return
+        layer.sumsq = torch.zeros(m, n, dtype=grad.dtype, device=grad.device)
+        layer.gsum = torch.zeros_like(layer.sumsq)
+        step = _chunk(self.chunk_elems, n * ho * wo + m * n, mb)
+        for i in range(0, mb, step):
+            cols = F.unfold(xp[i : i + step], (kh, kw), dilation=(dh, dw), stride=(sh, sw))  # (s, n, P)
+            g = torch.bmm(delta[i : i + step], cols.transpose(1, 2))  # per-sample (s, m, n)
+            layer.sumsq += (g * g).sum(0)
+            layer.gsum += g.sum(0)
+
+    # -- the terms -------------------------------------------------------------------------------
+    def _layer_terms(self, layer: _Layer, dw: torch.Tensor, lr: float) -> list[torch.Tensor]:
+        s, u, v = layer.s, layer.u, layer.v
+        s1 = s[0]
+        m, n = layer.shape
+        u1, v1 = u[:, 0], v[:, 0]
+        mu = (u1 @ dw.to(torch.float64) @ v1) / (s1 * lr)
+        gs2, nv = self.grad_scale**2, self.noise_var
+        noise_lam = lr * nv / s1**2
+        noise_kap = lr / (2 * s1) * nv * hessian_trace(s, m, n) if nv else s.new_zeros(())
+        if layer.a is None:  # not used by this forward: no per-sample gradient, only the deterministic drift
+            zero = s.new_zeros(())
+            out = [s1, mu, zero + noise_kap, zero + noise_lam]
+            return out + ([zero + noise_kap, zero, zero + noise_lam, zero] if self.split else [])
+        scale = float(layer.a.shape[0]) if self.reduction == "mean" else 1.0
+        a, b = layer.a * scale, layer.b * scale
+        self.last_projections[layer.name] = (a, b)
+        mb = a.shape[0]
+        coef = gs2 / (mb * (mb - 1))
+        at, bt = a - a.mean(0), b - b.mean(0)
+        dt = a.dtype
+        pa, pb = at @ u.to(dt), bt @ v.to(dt)
+        q = hessian_quadratic_sum(
+            pa.double(), pb.double(), (at * at).sum().double(), (bt * bt).sum().double(), s, m, n
+        )
+        lam = lr / s1**2 * coef * (pa[:, 0].double() ** 2).sum() + noise_lam
+        kap = lr / (2 * s1) * coef * q + noise_kap
+        out = [s1, mu, kap, lam]
+        if self.split:
+            d = (layer.sumsq - layer.gsum * layer.gsum / mb).double() * scale**2  # sum_i (G_i - mean G)^2
+            lam_var = lr / s1**2 * coef * ((u1 * u1) @ d @ (v1 * v1)) + noise_lam
+            kap_var = lr / (2 * s1) * coef * hessian_diagonal_dot(d, s, u, v) + noise_kap
+            out += [kap_var, kap - kap_var, lam_var, lam - lam_var]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# One-call API and the integrator
+# ----------------------------------------------------------------------------------------------
+def step_terms(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    split: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Terms of every weight matrix for the current parameters and a plain SGD step on (x, y).
+
+    ``loss_fn(outputs, targets)`` returns per-sample losses (M,). Fills ``.grad`` with the batch-mean
+    gradient; the parameters are not changed (the step enters only through ``dW = -lr * grad``).
+    """
+    for p in model.parameters():
+        p.grad = None
+    tracker = DynamicsTracker(model, lr, split=split)
+    try:
+        tracker.begin()
+        losses = loss_fn(model(x), y)
+        if losses.dim() != 1 or losses.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"loss_fn must return per-sample losses of shape ({x.shape[0]},) (reduction='none'), got "
+                f"{tuple(losses.shape)}"
+            )
+        losses.mean().backward()
+        updates = {
+            layer.name: -lr * (layer.param.grad if layer.param.grad is not None else torch.zeros_like(layer.param))
+            for layer in tracker.layers
+        }
+        return tracker.end(updates)
+    finally:
+        tracker.close()
+
+
+def network_sums(terms: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``mu_Z``, ``kappa_Z``, ``lambda2_Z`` (and ``*_Z_var``/``*_Z_cov`` when split): sums over layers."""
+    first = next(iter(terms.values()))
+    out = {}
+    for key in ("mu", "kappa", "lambda2"):
+        out[f"{key}_Z"] = sum(t[key] for t in terms.values())
+    for key in SPLIT_TERMS:
+        if key in first:
+            base, part = key.split("_")
+            out[f"{base}_Z_{part}"] = sum(t[key] for t in terms.values())
+    return out
+
+
+def term_columns(terms: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Flat per-layer columns ``'<term>/<param name>'``, e.g. ``'sigma1/0.weight'``."""
+    return {f"{key}/{name}": val for name, t in terms.items() for key, val in t.items()}
+
+
+class KIntegrator:
+    """Running path prediction and moments of K(t) (theory.md §3, thesis Theorems 4.6.7, 4.6.8).
+
+    ``update(terms)`` at step k returns the empirical ``K_emp = prod sigma1`` before the step, the
+    prediction for the same step from steps 0..k-1 (``K_pred``, ``EK_pred``, ``VarK_pred``), and this
+    step's network sums; then it advances by ``dt = lr``. ``k0`` defaults to the first ``K_emp``.
+    """
+
+    def __init__(self, lr: float, k0: float | None = None):
+        self.lr = float(lr)
+        self.z0 = None if k0 is None else math.log(k0)
+        self.z_pred = self.z0
+        self.drift = 0.0  # sum dt (mu_Z + kappa_Z)
+        self.var = 0.0  # sum dt lambda2_Z
+
+    def update(self, terms: dict[str, dict[str, float]], lr: float | None = None) -> dict[str, float]:
+        missing = [k for k in ("mu", "kappa", "lambda2") if k not in next(iter(terms.values()))]
+        if missing:
+            raise ValueError(f"terms lack {missing}: a sigma1_only tracker cannot drive the prediction")
+        dt = self.lr if lr is None else float(lr)
+        z_emp = sum(math.log(t["sigma1"]) for t in terms.values())
+        if self.z0 is None:
+            self.z0 = self.z_pred = z_emp
+        sums = network_sums(terms)
+        ek = math.exp(self.z0 + self.drift)
+        row = {
+            "K_emp": math.exp(z_emp),
+            "Z_emp": z_emp,
+            "K_pred": math.exp(self.z_pred),
+            "Z_pred": self.z_pred,
+            "EK_pred": ek,
+            "VarK_pred": ek * ek * math.expm1(self.var),
+            **sums,
+        }
+        self.z_pred += dt * (sums["mu_Z"] + sums["kappa_Z"] - 0.5 * sums["lambda2_Z"])
+        self.drift += dt * (sums["mu_Z"] + sums["kappa_Z"])
+        self.var += dt * sums["lambda2_Z"]
+        return row
+
+
+def integrate(
+    lr: float | Iterable[float], z0: float, mu_z: Iterable[float], kappa_z: Iterable[float], lambda2_z: Iterable[float]
+) -> dict[str, np.ndarray]:
+    """Vectorised ``KIntegrator``: arrays of ``Z_pred, K_pred, EK_pred, VarK_pred`` at steps 0..T-1."""
+    mu, ka, la = (np.asarray(v, dtype=np.float64) for v in (mu_z, kappa_z, lambda2_z))
+    dt = np.broadcast_to(np.asarray(lr, dtype=np.float64), mu.shape)
+
+    def before(v):  # sum over the steps strictly before each step
+        return np.concatenate([[0.0], np.cumsum(v)[:-1]])
+
+    z = z0 + before(dt * (mu + ka - 0.5 * la))
+    ek = np.exp(z0 + before(dt * (mu + ka)))
+    return {"Z_pred": z, "K_pred": np.exp(z), "EK_pred": ek, "VarK_pred": ek * ek * np.expm1(before(dt * la))}

@@ -1,0 +1,462 @@
+"""Chapter 4 engine against brute force (float64): vmap per-sample gradients, the explicit noise
+covariance of thesis Prop. 4.4.1 and the autograd Hessian of sigma_1."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from lipexp.dynamics import (
+    DynamicsTracker,
+    KIntegrator,
+    hessian_diagonal_dot,
+    hessian_quadratic_sum,
+    hessian_trace,
+    integrate,
+    network_sums,
+    step_terms,
+    term_columns,
+    thin_svd,
+)
+from lipexp.layers import top_singular_values, weight_layers
+
+TOL = 1e-10
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
+def mlp():
+    # tall (9x6), wide (5x9), square (5x5), wide (3x5)
+    return nn.Sequential(
+        nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)
+    ).double()
+
+
+def cnn(batchnorm=False):
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1),  # 9x9 -> 5x5, W 3x18 (wide)
+        nn.BatchNorm2d(3, track_running_stats=False) if batchnorm else nn.Identity(),
+        nn.ReLU(),
+        nn.Conv2d(3, 14, 2),  # -> 4x4, W 14x12 (tall)
+        nn.Tanh(),
+        nn.Conv2d(14, 3, 2, padding="same"),  # asymmetric 'same' padding, W 3x56
+        nn.Tanh(),
+        nn.Conv2d(3, 4, 3, padding=2, dilation=2, stride=2),  # -> 2x2, last padded row never reached
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    ).double()
+
+
+def data(shape, m=10, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, *shape, generator=g, dtype=torch.float64), torch.randint(0, classes, (m,), generator=g)
+
+
+def per_sample_grads(model, x, y):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def loss1(p, xi, yi):
+        return ce(functional_call(model, (p, buffers), (xi.unsqueeze(0),)), yi.unsqueeze(0)).sum()
+
+    return vmap(grad(loss1), in_dims=(None, 0, 0))(params, x, y)
+
+
+def s1_fn(w):
+    return torch.linalg.svdvals(w)[0]
+
+
+def brute(w, g_ps, lr, dw=None, grad_scale=1.0, noise_var=0.0):
+    """Terms from explicit Sigma (M m n x m n), J and H of sigma_1 by autograd."""
+    w = w.detach().reshape(w.shape[0], -1).double()
+    mb = g_ps.shape[0]
+    gs = g_ps.reshape(mb, -1).double()
+    size = gs.shape[1]
+    s1 = float(s1_fn(w))
+    jac = torch.autograd.functional.jacobian(s1_fn, w).reshape(-1)
+    hess = torch.autograd.functional.hessian(s1_fn, w).reshape(size, size)
+    gt = gs - gs.mean(0)
+    sigma = grad_scale**2 * gt.T @ gt / (mb * (mb - 1)) + noise_var * torch.eye(size, dtype=torch.float64)
+    if dw is None:
+        dw = -lr * gs.mean(0)
+    sd = torch.diagonal(sigma)
+    return {
+        "sigma1": s1,
+        "mu": float(jac @ dw.reshape(-1)) / (s1 * lr),
+        "lambda2": lr / s1**2 * float(jac @ sigma @ jac),
+        "kappa": lr / (2 * s1) * float((hess * sigma).sum()),
+        "lambda2_var": lr / s1**2 * float((jac**2 * sd).sum()),
+        "kappa_var": lr / (2 * s1) * float((torch.diagonal(hess) * sd).sum()),
+    }
+
+
+def assert_terms(got, ref, keys=("sigma1", "mu", "kappa", "lambda2"), tol=TOL, label=""):
+    for k in keys:
+        assert rel(got[k], ref[k]) <= tol, f"{label} {k}: got {got[k]!r}, brute force {ref[k]!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed forms of the operator-norm Hessian
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,rank", [((7, 4), None), ((4, 7), None), ((5, 5), None), ((6, 5), 3), ((3, 8), 2)])
+def test_hessian_closed_forms_match_autograd(shape, rank):
+    g = torch.Generator().manual_seed(1)
+    m, n = shape
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    if rank is not None:  # rank-deficient: s_i = 0 inside the thin SVD as well
+        w = torch.randn(m, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, n, generator=g, dtype=torch.float64)
+    hess = torch.autograd.functional.hessian(s1_fn, w).reshape(m * n, m * n)
+    s, u, v = thin_svd(w)
+    assert len(s) == (rank or min(m, n))
+    gmat = torch.randn(6, m, n, generator=g, dtype=torch.float64)
+    a, b = gmat @ v[:, 0], gmat.transpose(1, 2) @ u[:, 0]
+    q = hessian_quadratic_sum(a @ u, b @ v, (a * a).sum(), (b * b).sum(), s, m, n)
+    vec = gmat.reshape(6, -1)
+    q_ref = torch.einsum("ia,ab,ib->", vec, hess, vec)
+    assert rel(float(q), float(q_ref)) <= TOL
+    assert rel(float(hessian_trace(s, m, n)), float(torch.trace(hess))) <= TOL
+    d = torch.rand(m, n, generator=g, dtype=torch.float64)
+    ref = float((torch.diagonal(hess) * d.reshape(-1)).sum())
+    assert rel(float(hessian_diagonal_dot(d, s, u, v)), ref) <= TOL
+
+
+def test_thin_svd_matches_full_svd():
+    g = torch.Generator().manual_seed(2)
+    for m, n in [(30, 7), (7, 30), (12, 12)]:
+        w = torch.randn(m, n, generator=g)  # float32 in, float64 out
+        s, u, v = thin_svd(w)
+        ref = torch.linalg.svdvals(w.double())
+        assert torch.allclose(s, ref, rtol=1e-12, atol=0)
+        assert torch.allclose(w.double() @ v, u * s, atol=1e-12)
+        assert torch.allclose(u.T @ u, torch.eye(len(s), dtype=torch.float64), atol=1e-12)
+        assert torch.allclose(v.T @ v, torch.eye(len(s), dtype=torch.float64), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tracker against brute force
+# ---------------------------------------------------------------------------------------------
+def check_model(model, x, y, lr=0.05):
+    grads = per_sample_grads(model, x, y)
+    got = step_terms(model, ce, x, y, lr, split=True)
+    assert list(got) == [name for name, _ in weight_layers(model)]
+    for name, mod in weight_layers(model):
+        ref = brute(mod.weight, grads[name], lr)
+        assert_terms(got[name], ref, TERMS_ALL, label=name)
+        for k in ("kappa", "lambda2"):
+            assert got[name][f"{k}_var"] + got[name][f"{k}_cov"] == pytest.approx(got[name][k], rel=1e-14)
+    return got
+
+
+TERMS_ALL = ("sigma1", "mu", "kappa", "lambda2", "kappa_var", "lambda2_var")
+
+
+def test_mlp_tall_wide_square_against_brute_force():
+    torch.manual_seed(0)
+    x, y = data((6,))
+    check_model(mlp(), x, y)
+
+
+def test_cnn_padding_stride_dilation_against_brute_force():
+    torch.manual_seed(0)
+    x, y = data((2, 9, 9))
+    check_model(cnn(), x, y)
+
+
+def test_linear_on_sequences_against_brute_force():
+    class SeqNet(nn.Module):  # Linear applied to M x T x n: G_i sums over the T positions
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)).mean(1))
+
+    torch.manual_seed(0)
+    x, y = data((5, 4))
+    check_model(SeqNet().double(), x, y)
+
+
+def test_projections_equal_exact_per_sample_gradients():
+    torch.manual_seed(0)
+    for model, shape in [(mlp(), (6,)), (cnn(), (2, 9, 9))]:
+        x, y = data(shape, m=7, seed=3)
+        grads = per_sample_grads(model, x, y)
+        tr = DynamicsTracker(model, lr=0.1)
+        tr.begin()
+        ce(model(x), y).mean().backward()
+        tr.end()
+        for name, mod in weight_layers(model):
+            g = grads[name].reshape(7, mod.weight.shape[0], -1)
+            s, u, v = thin_svd(mod.weight.reshape(mod.weight.shape[0], -1))
+            a, b = tr.last_projections[name]
+            assert torch.allclose(a, g @ v[:, 0], rtol=0, atol=1e-12 * float(g.abs().max())), name
+            assert torch.allclose(b, g.transpose(1, 2) @ u[:, 0], rtol=0, atol=1e-12 * float(g.abs().max())), name
+        tr.close()
+        model.zero_grad()
+
+
+def test_batchnorm_uses_summed_loss_backprop_definition():
+    """With batch coupling G_i := sum_p delta_{i,p} x_{i,p}^T, delta from backprop of the summed loss."""
+    torch.manual_seed(0)
+    model = cnn(batchnorm=True).train()
+    x, y = data((2, 9, 9))
+    conv = model[0]
+    saved = {}
+    h = conv.register_forward_hook(lambda mod, inp, out: saved.update(x=inp[0], out=out))
+    out = model(x)
+    h.remove()
+    delta = torch.autograd.grad(ce(out, y).sum(), saved["out"])[0]  # M x 3 x 5 x 5
+    cols = F.unfold(saved["x"].detach(), 3, padding=1, stride=2)  # M x 18 x 25
+    g_ps = torch.einsum("mcp,mnp->mcn", delta.flatten(2), cols)
+    model.zero_grad()
+    got = step_terms(model, ce, x, y, 0.05, split=True)
+    assert_terms(got["0.weight"], brute(conv.weight, g_ps, 0.05), TERMS_ALL)
+    assert torch.allclose(g_ps.mean(0), conv.weight.grad.reshape(3, 18), atol=1e-12)
+
+
+def test_weight_decay_and_injected_noise_against_brute_force():
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = data((6,))
+    lr, wd, gsc, nv = 0.05, 0.1, 0.7, 0.3
+    grads = per_sample_grads(model, x, y)
+    before = {name: mod.weight.detach().clone() for name, mod in weight_layers(model)}
+    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
+    tr = DynamicsTracker(model, lr, split=True, grad_scale=gsc, noise_var=nv, optimizer=opt)
+    tr.begin()
+    opt.zero_grad()
+    ce(model(x), y).mean().backward()
+    gen = torch.Generator().manual_seed(5)
+    for p in model.parameters():  # the Fig. 4.6 update: sqrt(rho) * grad + sqrt(1 - rho) * noise
+        p.grad.mul_(gsc).add_(math.sqrt(nv) * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    opt.step()
+    got = tr.end()
+    tr.close()
+    for name, mod in weight_layers(model):
+        dw = mod.weight.detach() - before[name]
+        ref = brute(before[name], grads[name], lr, dw=dw, grad_scale=gsc, noise_var=nv)
+        assert_terms(got[name], ref, TERMS_ALL, label=name)
+    # the weight-decay part of the drift, on its own: -wd * <J, W> / s1 = -wd
+    model2 = mlp()
+    with torch.no_grad():
+        for p in model2.parameters():
+            p.grad = None
+    terms0 = step_terms(model2, ce, x, y, lr)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=lr, weight_decay=wd)
+    tr2 = DynamicsTracker(model2, lr, optimizer=opt2)
+    tr2.begin()
+    opt2.zero_grad()
+    ce(model2(x), y).mean().backward()
+    opt2.step()
+    terms_wd = tr2.end()
+    for name in terms0:
+        assert rel(terms_wd[name]["mu"], terms0[name]["mu"] - wd) <= 1e-9
+
+
+def test_step_terms_leaves_parameters_unchanged_and_removes_hooks():
+    torch.manual_seed(0)
+    model = cnn()
+    x, y = data((2, 9, 9))
+    before = [p.detach().clone() for p in model.parameters()]
+    terms = step_terms(model, ce, x, y, 0.01)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(not m._forward_hooks for m in model.modules())
+    assert set(terms["0.weight"]) == {"sigma1", "mu", "kappa", "lambda2"}
+    exact = top_singular_values(model)
+    assert all(rel(terms[k]["sigma1"], exact[k]) <= 1e-13 for k in exact)
+    cols = term_columns(terms)
+    assert cols["sigma1/0.weight"] == terms["0.weight"]["sigma1"]
+    assert len(cols) == 4 * len(terms)
+
+
+def test_float32_model_close_to_float64():
+    torch.manual_seed(0)
+    m64 = cnn()
+    x, y = data((2, 9, 9), m=32)
+    m32 = cnn().float()
+    m32.load_state_dict({k: v.float() for k, v in m64.state_dict().items()})
+    m64.load_state_dict({k: v.double() for k, v in m32.state_dict().items()})
+    t64 = step_terms(m64, ce, x, y, 0.01, split=True)
+    t32 = step_terms(m32, ce, x.float(), y, 0.01, split=True)
+    for name in t64:
+        for k, v in t64[name].items():
+            assert t32[name][k] == pytest.approx(v, rel=1e-4, abs=1e-5 * abs(t64[name]["kappa"])), (name, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrator
+# ---------------------------------------------------------------------------------------------
+def test_integrator_against_hand_computation():
+    lr = 0.1
+    steps = [
+        {"a": {"sigma1": 2.0, "mu": 0.3, "kappa": 0.05, "lambda2": 0.2}, "b": {"sigma1": 3.0, "mu": -0.1, "kappa": 0.01, "lambda2": 0.1}},
+        {"a": {"sigma1": 2.1, "mu": 0.2, "kappa": 0.04, "lambda2": 0.3}, "b": {"sigma1": 2.9, "mu": 0.0, "kappa": 0.02, "lambda2": 0.0}},
+        {"a": {"sigma1": 2.2, "mu": 0.1, "kappa": 0.03, "lambda2": 0.1}, "b": {"sigma1": 2.8, "mu": 0.1, "kappa": 0.00, "lambda2": 0.1}},
+    ]
+    integ = KIntegrator(lr)
+    rows = [integ.update(t) for t in steps]
+    z0 = math.log(6.0)
+    # hand: Z_pred(1) = z0 + 0.1*(0.2 + 0.06 - 0.15) ; Z_pred(2) = Z_pred(1) + 0.1*(0.2 + 0.06 - 0.15)
+    z1 = z0 + 0.1 * (0.2 + 0.06 - 0.5 * 0.3)
+    z2 = z1 + 0.1 * (0.2 + 0.06 - 0.5 * 0.3)
+    assert rows[0]["K_pred"] == pytest.approx(6.0) and rows[0]["K_emp"] == pytest.approx(6.0)
+    assert rows[1]["Z_pred"] == pytest.approx(z1, rel=1e-14)
+    assert rows[2]["Z_pred"] == pytest.approx(z2, rel=1e-14)
+    assert rows[2]["K_emp"] == pytest.approx(2.2 * 2.8)
+    ek2 = 6.0 * math.exp(0.1 * (0.2 + 0.06) + 0.1 * (0.2 + 0.06))
+    assert rows[2]["EK_pred"] == pytest.approx(ek2, rel=1e-14)
+    assert rows[2]["VarK_pred"] == pytest.approx(ek2**2 * (math.exp(0.1 * 0.3 + 0.1 * 0.3) - 1), rel=1e-12)
+    assert rows[1]["mu_Z"] == pytest.approx(0.2) and rows[1]["lambda2_Z"] == pytest.approx(0.3)
+    vec = integrate(lr, z0, *[[r[k] for r in rows] for k in ("mu_Z", "kappa_Z", "lambda2_Z")])
+    for k in ("Z_pred", "K_pred", "EK_pred", "VarK_pred"):
+        assert np.allclose(vec[k], [r[k] for r in rows], rtol=1e-14), k
+    with_k0 = KIntegrator(lr, k0=5.0).update(steps[0])
+    assert with_k0["K_pred"] == pytest.approx(5.0)
+    split = {"a": {**steps[0]["a"], "kappa_var": 0.01, "kappa_cov": 0.04, "lambda2_var": 0.05, "lambda2_cov": 0.15}}
+    assert network_sums(split)["kappa_Z_cov"] == pytest.approx(0.04)
+
+
+@pytest.mark.parametrize("lr,batch,tol2", [(1e-3, 8, 0.25), (1e-2, 4, 0.1)])
+def test_k_pred_tracks_k_emp_over_small_lr_steps(lr, batch, tol2):
+    """50 SGD steps; random labels and small batches make the noise terms visible.
+
+    Beyond ``K_pred ~ K_emp`` (which the drift alone nearly gives at small lr), the part of the change
+    of Z that the realised first-order drift does not explain must be predicted by kappa - lambda2/2.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(400, 8, generator=g, dtype=torch.float64)
+    ys = torch.randint(0, 3, (400,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    tracker = DynamicsTracker(model, lr, optimizer=opt)
+    integ = KIntegrator(lr)
+    rows = []
+    for _ in range(51):
+        idx = torch.randint(0, 400, (batch,), generator=g)
+        tracker.begin()
+        opt.zero_grad()
+        ce(model(xs[idx]), ys[idx]).mean().backward()
+        opt.step()
+        rows.append(integ.update(tracker.end()))
+    tracker.close()
+    assert max(abs(r["K_pred"] - r["K_emp"]) / r["K_emp"] for r in rows) < 1e-3
+    second_emp = rows[-1]["Z_emp"] - rows[0]["Z_emp"] - lr * sum(r["mu_Z"] for r in rows[:-1])
+    second_pred = lr * sum(r["kappa_Z"] - 0.5 * r["lambda2_Z"] for r in rows[:-1])
+    assert second_emp > 0 and abs(second_pred - second_emp) < tol2 * second_emp, (second_pred, second_emp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clear errors
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "layer,match",
+    [
+        (nn.Conv2d(4, 4, 3, groups=2), "grouped"),
+        (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), "padding_mode"),
+    ],
+)
+def test_unsupported_conv_is_error_naming_layer(layer, match):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), layer)
+    with pytest.raises(ValueError, match=match) as err:
+        DynamicsTracker(model, 0.1)
+    assert "'1.weight'" in str(err.value)
+
+
+def test_other_weights_and_custom_forward_are_errors():
+    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="0.weight"):
+        DynamicsTracker(model, 0.1)
+
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return F.linear(x, self.weight.T[: self.out_features, : self.in_features])
+
+    with pytest.raises(ValueError, match="overrides"):
+        DynamicsTracker(nn.Sequential(MyLinear(3, 3)), 0.1)
+
+
+def test_optimiser_checks():
+    model = mlp()
+    for opt in (torch.optim.Adam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)):
+        with pytest.raises(ValueError, match="plain SGD"):
+            DynamicsTracker(model, 0.1, optimizer=opt)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = DynamicsTracker(model, 0.1, optimizer=opt, sigma1_only=True)
+    x, y = data((6,))
+    tracker.begin()
+    exact = top_singular_values(model)
+    opt.zero_grad()
+    ce(model(x), y).mean().backward()
+    opt.step()
+    terms = tracker.end()
+    assert set(terms["0.weight"]) == {"sigma1"}
+    assert all(rel(terms[k]["sigma1"], exact[k]) <= 1e-13 for k in exact)
+    with pytest.raises(ValueError, match="sigma1_only"):
+        KIntegrator(0.1).update(terms)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = DynamicsTracker(model, 0.1, optimizer=sgd)
+    tracker.begin()
+    sgd.param_groups[0]["lr"] = 0.05
+    sgd.zero_grad()
+    ce(model(x), y).mean().backward()
+    with pytest.raises(ValueError, match="tracker.lr"):
+        tracker.end()
+
+
+def test_misuse_is_error():
+    model = mlp()
+    x, y = data((6,))
+    tracker = DynamicsTracker(model, 0.1)
+    tracker.begin()
+    ce(model(x), y).mean().backward()
+    with pytest.raises(RuntimeError, match="called twice"):
+        model(x)  # a second forward with grad inside the step
+    tracker.abort()
+    with torch.no_grad():  # forwards without grad are ignored
+        tracker.begin()
+        model(x)
+    with pytest.raises(RuntimeError, match="begin\\(\\) called twice"):
+        tracker.begin()
+    tracker.abort()
+    tracker.begin()
+    model(x)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        tracker.end()
+    tracker.close()
+
+    shared = nn.Linear(4, 4).double()
+    reused = nn.Sequential(shared, nn.Tanh(), shared)
+    with DynamicsTracker(reused, 0.1) as tr, pytest.raises(RuntimeError, match="called twice"):
+        tr.begin()
+        reused(torch.randn(3, 4, dtype=torch.float64))
+
+    class Tied(nn.Module):  # the decoder reuses the encoder weight functionally
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return F.linear(torch.tanh(self.enc(x)), self.enc.weight.T)
+
+    tied = Tied().double()
+    with DynamicsTracker(tied, 0.1) as tr, pytest.raises(RuntimeError, match="differs"):
+        tr.begin()
+        tied(torch.randn(4, 5, dtype=torch.float64)).pow(2).sum(1).mean().backward()
+
+    ortho = nn.Sequential(nn.Linear(4, 4)).double()
+    nn.init.orthogonal_(ortho[0].weight)
+    with pytest.raises(ValueError, match="repeated top singular value"):
+        step_terms(ortho, lambda o, t: o.pow(2).sum(1), torch.randn(3, 4, dtype=torch.float64), None, 0.1)
