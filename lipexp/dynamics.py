@@ -43,7 +43,11 @@ __all__ = [
     "step_terms",
     "term_columns",
     "network_sums",
-    "thin_svd",
+    "OpNormGeometry",
+    "opnorm_geometry",
+    "hessian_quadratic_sum",
+    "hessian_trace",
+    "hessian_diagonal_dot",
 ]
 
 TERMS = ("sigma1", "mu", "kappa", "lambda2")
@@ -51,102 +55,146 @@ SPLIT_TERMS = ("kappa_var", "kappa_cov", "lambda2_var", "lambda2_cov")
 
 
 # ----------------------------------------------------------------------------------------------
-# Thin SVD and the operator-norm Hessian in projected form
+# The operator norm's Jacobian and Hessian, without a full SVD
 # ----------------------------------------------------------------------------------------------
-def thin_svd(w: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Singular triplets of ``w`` (m x n) with ``s_k > rtol * s_1``, in float64, ``s`` descending.
+@dataclass
+class OpNormGeometry:
+    """What the Chapter 4 terms need of a weight matrix ``W`` (m x n), all float64.
 
-    Returns ``s`` (k,), ``U`` (m x k), ``V`` (n x k). Computed from ``eigh`` of the smaller Gram matrix in
-    float64 (far cheaper than a full SVD of a 256 x 2048 layer); the other side follows as
-    ``W^T U / s`` (or ``W V / s``), so ``W v_k = s_k u_k`` holds to float64 rounding. Dropped
-    triplets (numerically zero singular values) are handled by the callers as ``s = 0``, which is
-    what they are to within ``rtol``: their Hessian coefficient ``s_1 / (s_1^2 - s^2)`` is then
-    ``1 / s_1`` to relative ``rtol^2``. The tolerance also keeps ``V`` orthonormal to about
-    ``eps64 / rtol``, since the Gram route squares the condition number.
+    Everything goes through the smaller side: ``wide = m <= n`` works with the k x k Gram ``W W^T``
+    (k = m) and the left vector ``q1 = u1``, otherwise with ``W^T W`` (k = n) and ``q1 = v1``. With
+    ``A = s1^2 I - Gram + s1^2 q1 q1^T`` (positive definite when s1 is simple; its eigenvalues are
+    ``s1^2 - s_i^2`` for i >= 2, with ``s_i = 0`` past the rank, and ``s1^2``), the Hessian of thesis
+    Lemma 4.6.3 has, for any G with ``a = G v1``, ``b = G^T u1`` projected off ``u1``, ``v1`` (``a'``, ``b'``):
+
+        q(G) = vec(G)^T H vec(G) = ( |L^-1 (s1 a' + W b')|^2 + |b'|^2 ) / s1     (wide; A = L L^T)
+
+    (the left, right and cross sums of Lemma 4.6.3 are ``s1 a'^T A^-1 a'``, ``(|b'|^2 + |A^-1/2 W b'|^2)/s1``
+    and ``2 a'^T A^-1 W b'``; for tall matrices swap the roles of a and b). So a Cholesky factor replaces
+    the singular vectors, and the index ranges of the Lemma (all m left and n right vectors) hold by
+    construction.
     """
-    wd = w.detach().to(torch.float64)
+
+    w: torch.Tensor  # m x n
+    wide: bool
+    lam: torch.Tensor  # (k,) eigenvalues s_i^2 of the smaller Gram, descending
+    s1: torch.Tensor  # 0-d
+    u1: torch.Tensor  # (m,)
+    v1: torch.Tensor  # (n,)
+    chol: torch.Tensor  # k x k lower Cholesky factor of A
+
+    @property
+    def q1(self) -> torch.Tensor:
+        return self.u1 if self.wide else self.v1
+
+    @property
+    def p1(self) -> torch.Tensor:
+        return self.v1 if self.wide else self.u1
+
+    @property
+    def w_small(self) -> torch.Tensor:
+        """W oriented as k x (larger size)."""
+        return self.w if self.wide else self.w.T
+
+
+class SpectrumError(ValueError):
+    pass
+
+
+def opnorm_geometry(w: torch.Tensor, start: torch.Tensor | None = None, name: str = "weight") -> OpNormGeometry:
+    """s1, (u1, v1) and the Cholesky factor of ``A`` for ``w`` (m x n; computed in float64).
+
+    ``eigvalsh`` of the smaller Gram matrix gives the spectrum; the top eigenvector comes from a few
+    steps of inverse iteration with a shift ``1e-12 s1^2`` above the top eigenvalue (from ``start``, e.g.
+    the previous step's vector, when given), which converges to float64 accuracy in one or two steps
+    unless s1 is nearly repeated. Raises ``SpectrumError`` (a ValueError) if ``w`` is zero or its top
+    singular value is repeated (the terms are then undefined, thesis Assumption 4.6.1).
+    """
+    wd = w.detach().to(torch.float64, copy=True)  # a copy even for float64: the step updates w in place
     m, n = wd.shape
     wide = m <= n
-    lam, q = torch.linalg.eigh(wd @ wd.T if wide else wd.T @ wd)
-    lam, q = lam.flip(0), q.flip(1)
-    s = lam.clamp_min(0).sqrt()
-    keep = s > rtol * s[0]
-    s, q = s[keep], q[:, keep]
-    if wide:
-        return s, q, (wd.T @ q) / s
-    return s, (wd @ q) / s, q
-
-
-def _hessian_coefficients(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``c_k = s_1/(s_1^2-s_k^2)`` and ``e_k = s_k/(s_1^2-s_k^2)`` for k = 2..len(s) (thesis Lemma 4.6.3)."""
-    s1, sk = s[0], s[1:]
-    gap = s1 * s1 - sk * sk
-    return s1 / gap, sk / gap
-
-
-def _check_spectrum(name: str, s: torch.Tensor) -> None:
-    if len(s) == 0 or not float(s[0]) > 0:
-        raise ValueError(f"weight '{name}' is zero: sigma_1 = 0, so the Chapter 4 terms (which divide by it) are undefined")
-    if len(s) > 1 and float(s[0] ** 2 - s[1] ** 2) <= 1e-12 * float(s[0] ** 2):
-        raise ValueError(
-            f"weight '{name}' has a repeated top singular value (s1 = {float(s[0]):.6g}, s2 = {float(s[1]):.6g}); "
+    gram = wd @ wd.T if wide else wd.T @ wd
+    k = gram.shape[0]
+    lam = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+    lam1 = float(lam[0])
+    if not lam1 > 0:
+        raise SpectrumError(f"{name} is zero: sigma_1 = 0, so the Chapter 4 terms (which divide by it) are undefined")
+    if k > 1 and lam1 - float(lam[1]) <= 1e-12 * lam1:
+        raise SpectrumError(
+            f"{name} has a repeated top singular value (s1 = {lam1 ** 0.5:.6g}, s2 = {float(lam[1]) ** 0.5:.6g}); "
             "the operator norm is then not differentiable (thesis Assumption 4.6.1) and kappa is undefined. "
             "An orthogonal or identity initialisation does this: perturb the weights or use a random init."
         )
+    eye = torch.eye(k, dtype=torch.float64, device=wd.device)
+    if start is None or start.shape != (k,):
+        gen = torch.Generator().manual_seed(0)
+        start = gram @ torch.randn(k, generator=gen, dtype=torch.float64).to(wd.device)
+    x = start.to(torch.float64)
+    c, info = torch.linalg.cholesky_ex(lam1 * (1 + 1e-12) * eye - gram)
+    for _ in range(3):
+        x = torch.cholesky_solve(x[:, None], c)[:, 0]
+        x = x / x.norm()
+    lam1_t = x @ gram @ x
+    resid = float((gram @ x - lam1_t * x).norm())
+    if int(info) != 0 or not resid <= 1e-9 * lam1:  # far from converged (nearly repeated s1): do it fully
+        x = torch.linalg.eigh(gram)[1][:, -1]
+        lam1_t = x @ gram @ x
+    s1 = lam1_t.sqrt()
+    p = (wd.T @ x if wide else wd @ x) / s1
+    a_mat = lam1_t * eye - gram + lam1_t * torch.outer(x, x)
+    chol, info = torch.linalg.cholesky_ex(a_mat)
+    if int(info) != 0:
+        raise SpectrumError(f"{name}: the top singular value is too close to the next one for a stable kappa")
+    u1, v1 = (x, p) if wide else (p, x)
+    return OpNormGeometry(wd, wide, lam, s1, u1, v1, chol)
 
 
 def hessian_quadratic_sum(
-    pa: torch.Tensor, pb: torch.Tensor, na2: torch.Tensor, nb2: torch.Tensor, s: torch.Tensor, m: int, n: int
+    geo: OpNormGeometry, a: torch.Tensor, b: torch.Tensor, w_b: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``sum_i q(G_i)`` with ``q(G) = vec(G)^T H vec(G)`` (theory.md §1), from projections only.
+    """``sum_i vec(G_i)^T H vec(G_i)`` from ``a`` (M x m, rows ``G_i v1``) and ``b`` (M x n, rows ``G_i^T u1``).
 
-    ``pa = A U`` (M x k) and ``pb = B V`` (M x k) with rows ``a_i = G_i v_1``, ``b_i = G_i^T u_1``;
-    ``na2 = sum_i |a_i|^2``, ``nb2 = sum_i |b_i|^2``; ``s`` the k kept singular values of the m x n
-    matrix. Indices past the thin SVD (all of ``i <= m`` on the left, ``j <= n`` on the right) have
-    ``s = 0`` and coefficient ``1/s_1``; their share is what ``U`` (``V``) does not capture of ``|a|^2``
-    (``|b|^2``). The cross term only runs over the rank.
+    ``w_b`` (M x m, rows ``W b_i``) may be passed when known more cheaply than ``b @ W^T`` (a Linear
+    layer has it from its own output). Works in the dtype of ``a`` up to the float64 triangular solve.
     """
-    c, e = _hessian_coefficients(s)
-    sa, sb = (pa * pa).sum(0), (pb * pb).sum(0)
-    k = len(s)
-    out = c @ sa[1:] + c @ sb[1:] + 2.0 * (e @ (pa[:, 1:] * pb[:, 1:]).sum(0))
-    if m > k:
-        out = out + (na2 - sa.sum()) / s[0]
-    if n > k:
-        out = out + (nb2 - sb.sum()) / s[0]
-    return out
+    dt = a.dtype
+    u1, v1, s1 = geo.u1.to(dt), geo.v1.to(dt), geo.s1
+    au, bv = a @ u1, b @ v1
+    a_perp = a - au[:, None] * u1
+    b_perp = b - bv[:, None] * v1
+    if geo.wide:
+        wb = (b_perp @ geo.w.T.to(dt)) if w_b is None else w_b - (s1.to(dt) * bv)[:, None] * u1
+        r, rest = s1.to(dt) * a_perp + wb, b_perp
+    else:
+        r, rest = s1.to(dt) * b_perp + a_perp @ geo.w.to(dt), a_perp
+    x = torch.linalg.solve_triangular(geo.chol, r.T.to(torch.float64), upper=False)
+    return ((x * x).sum() + (rest * rest).sum().to(torch.float64)) / s1
 
 
-def hessian_trace(s: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    """``tr(H) = sum_{i=2..m} s1/(s1^2-s_i^2) + sum_{j=2..n} s1/(s1^2-s_j^2)`` with ``s_i = 0`` past ``s``."""
-    c, _ = _hessian_coefficients(s)
-    k = len(s)
-    return 2.0 * c.sum() + (m - k + n - k) / s[0]
+def hessian_trace(geo: OpNormGeometry) -> torch.Tensor:
+    """``tr(H) = sum_{i=2..m} s1/(s1^2-s_i^2) + sum_{j=2..n} s1/(s1^2-s_j^2)`` (``s_i = 0`` past the rank)."""
+    m, n = geo.w.shape
+    lam = geo.lam
+    k = len(lam)
+    return 2.0 * (geo.s1 / (geo.s1**2 - lam[1:])).sum() + (max(m, n) - k) / geo.s1
 
 
-def hessian_diagonal_dot(d: torch.Tensor, s: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``sum_{ab} diag(H)_{ab} D_{ab}`` for an m x n matrix ``D``, with ``diag(H)`` in closed form.
+def hessian_diagonal_dot(geo: OpNormGeometry, d: torch.Tensor) -> torch.Tensor:
+    """``sum_{ab} diag(H)_{ab} D_{ab}`` for an m x n matrix ``D``, ``diag(H)`` in closed form.
 
-    ``diag(H)_{ab} = alpha_a v1_b^2 + u1_a^2 beta_b + 2 u1_a v1_b sum_{k>=2} e_k U_ak V_bk`` where
-    ``alpha_a = sum_{i=2..m} c_i U_ai^2`` (rows of the full U have unit norm, which gives the part past
-    the thin SVD) and ``beta`` likewise from V.
+    On the small side (wide case), ``diag(H)_{ab} = alpha_a v1_b^2 + u1_a^2 beta_b + 2 u1_a v1_b C_ab``
+    with ``alpha = s1 diag(A^-1) - u1^2/s1``, ``beta = (1 + diag(W^T A^-1 W) - 2 v1^2)/s1`` and
+    ``C = A^-1 W - u1 v1^T / s1`` (the matrix ``sum_{k>=2} s_k/(s1^2-s_k^2) u_k v_k^T``).
     """
-    m, n = d.shape
-    k = len(s)
-    c, e = _hessian_coefficients(s)
-    u1, v1 = u[:, 0], v[:, 0]
-    alpha = (u[:, 1:] ** 2) @ c
-    beta = (v[:, 1:] ** 2) @ c
-    if m > k:
-        alpha = alpha + (1.0 - (u * u).sum(1)) / s[0]
-    if n > k:
-        beta = beta + (1.0 - (v * v).sum(1)) / s[0]
-    u1s, v1s = u1 * u1, v1 * v1
-    out = alpha @ d @ v1s + u1s @ d @ beta
-    if k > 1:
-        left = (u1[:, None] * u[:, 1:]).T @ d  # (k-1) x n
-        out = out + 2.0 * (e @ (left * (v1[:, None] * v[:, 1:]).T).sum(1))
-    return out
+    w = geo.w_small
+    d = (d if geo.wide else d.T).to(torch.float64)
+    q1, p1, s1 = geo.q1, geo.p1, geo.s1
+    a_inv = torch.cholesky_inverse(geo.chol)
+    t = torch.linalg.solve_triangular(geo.chol, w, upper=False)
+    alpha = s1 * torch.diagonal(a_inv) - q1 * q1 / s1
+    beta = (1.0 + (t * t).sum(0) - 2.0 * p1 * p1) / s1
+    cross = a_inv @ w - torch.outer(q1, p1) / s1
+    return alpha @ d @ (p1 * p1) + (q1 * q1) @ d @ beta + 2.0 * (q1 @ (cross * d) @ p1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,9 +238,8 @@ class _Layer:
     param: nn.Parameter
     geom: _ConvGeom | None  # None for Linear
     # set by begin()
-    s: torch.Tensor | None = None  # (k,) float64
-    u: torch.Tensor | None = None  # (m, k) float64
-    v: torch.Tensor | None = None  # (n, k) float64
+    geo: OpNormGeometry | None = None
+    s1: float = 0.0
     u1: torch.Tensor | None = None  # (m,) model dtype
     v1: torch.Tensor | None = None  # (n,) model dtype
     snapshot: torch.Tensor | None = None
@@ -203,6 +250,8 @@ class _Layer:
     z: torch.Tensor | None = None  # x_{i,p} . v1, (M, P)
     a: torch.Tensor | None = None  # (M, m), reduced-loss scale
     b: torch.Tensor | None = None  # (M, n)
+    wx: torch.Tensor | None = None  # Linear only: W x (the output without bias), (M, *, m)
+    wb: torch.Tensor | None = None  # Linear only: rows W b_i, (M, m)
     sumsq: torch.Tensor | None = None  # split only: sum_i G_i^2 (m, n)
     gsum: torch.Tensor | None = None  # split only: sum_i G_i (m, n)
     grad_checked: bool = False
@@ -213,7 +262,7 @@ class _Layer:
         return self.param.shape[0], self.param[0].numel()
 
     def clear_step(self) -> None:
-        self.called, self.x, self.z, self.a, self.b = False, None, None, None, None
+        self.called, self.x, self.z, self.a, self.b, self.wx, self.wb = (False,) + (None,) * 6
         self.sumsq, self.gsum, self.grad_checked = None, None, False
 
 
@@ -267,7 +316,6 @@ class DynamicsTracker:
         sigma1_only: bool = False,
         reduction: str = "mean",
         check_grad: bool = True,
-        svd_rtol: float = 1e-6,
         chunk_elems: int = 1 << 22,
     ):
         if not lr > 0:
@@ -281,7 +329,7 @@ class DynamicsTracker:
         self.model, self.lr, self.split = model, float(lr), split
         self.grad_scale, self.noise_var = float(grad_scale), float(noise_var)
         self.optimizer, self.sigma1_only, self.reduction = optimizer, sigma1_only, reduction
-        self.check_grad, self.svd_rtol, self.chunk_elems = check_grad, svd_rtol, chunk_elems
+        self.check_grad, self.chunk_elems = check_grad, chunk_elems
         self.layers = [self._make_layer(name, mod) for name, mod in weight_layers(model)]
         if not self.layers:
             raise ValueError("model has no nn.Linear / nn.Conv2d weight to track")
@@ -343,21 +391,21 @@ class DynamicsTracker:
     # -- per step --------------------------------------------------------------------------------
     @torch.no_grad()
     def begin(self) -> None:
-        """Thin SVD and snapshot of every weight; arm the hooks for one forward/backward."""
+        """Spectral data and snapshot of every weight; arm the hooks for one forward/backward."""
         if self.armed:
             raise RuntimeError("begin() called twice without end(); call abort() to drop a failed step")
         for layer in self.layers:
             layer.clear_step()
-            w = layer.param.detach().reshape(layer.param.shape[0], -1)
+            w = layer.param.detach().reshape(layer.shape)
             if self.sigma1_only:
                 g = w.to(torch.float64)
                 g = g @ g.T if g.shape[0] <= g.shape[1] else g.T @ g
-                layer.s = torch.linalg.eigvalsh(g)[-1:].clamp_min(0).sqrt()
+                layer.s1 = torch.linalg.eigvalsh(g)[-1].clamp_min(0).sqrt()
                 continue
-            s, u, v = thin_svd(w, self.svd_rtol)
-            _check_spectrum(layer.name, s)
-            layer.s, layer.u, layer.v = s, u, v
-            layer.u1, layer.v1 = u[:, 0].to(w.dtype), v[:, 0].to(w.dtype)
+            start = layer.geo.q1 if layer.geo is not None else None  # weights move little per step
+            layer.geo = opnorm_geometry(w, start, f"weight '{layer.name}'")
+            layer.s1 = layer.geo.s1
+            layer.u1, layer.v1 = layer.geo.u1.to(w.dtype), layer.geo.v1.to(w.dtype)
             layer.snapshot = w.clone()
         self.armed = True
 
@@ -373,7 +421,8 @@ class DynamicsTracker:
             raise RuntimeError("end() called without begin()")
         self.armed = False
         if self.sigma1_only:
-            return {layer.name: {"sigma1": float(layer.s[0])} for layer in self.layers}
+            values = torch.stack([layer.s1 for layer in self.layers]).tolist()
+            return {layer.name: {"sigma1": v} for layer, v in zip(self.layers, values)}
         lr = self._step_lr()
         names, rows = [], []
         self.last_projections = {}
@@ -429,6 +478,8 @@ class DynamicsTracker:
                 layer.x, layer.x_version = x.detach(), x._version
                 if layer.geom is None:
                     layer.z = layer.x @ layer.v1  # (M, *)
+                    wx = output.detach()
+                    layer.wx = wx - module.bias.detach() if module.bias is not None else wx.clone()
                 else:
                     # x_{i,p} . v1 = u1 . (W x_{i,p}) / s1, since v1 = W^T u1 / s1: read off the layer's own
                     # output instead of a 1-output-channel convolution (a pass over y, no conv)
@@ -437,7 +488,7 @@ class DynamicsTracker:
                     z = torch.matmul(layer.u1, y.reshape(mb, c, -1))  # (M, P)
                     if module.bias is not None:
                         z = z - layer.u1 @ module.bias.detach()
-                    layer.z = z / layer.s[0].to(z.dtype)
+                    layer.z = z / layer.s1.to(z.dtype)
             output.register_hook(self._grad_hook(layer))
             return None
 
@@ -503,6 +554,9 @@ class DynamicsTracker:
         du = delta @ layer.u1  # (M, T)
         layer.a = torch.einsum("mt,mtc->mc", z, delta)
         layer.b = torch.einsum("mt,mtn->mn", du, x)
+        # W b_i = sum_t (W x_it) du_it: from the layer's own output, no M x n x m product
+        layer.wb = torch.einsum("mt,mtc->mc", du, layer.wx.reshape(mb, -1, m))
+        layer.wx = None
         if not self.split:
             return
         if delta.shape[1] == 1:
@@ -553,36 +607,34 @@ class DynamicsTracker:
 
     # -- the terms -------------------------------------------------------------------------------
     def _layer_terms(self, layer: _Layer, dw: torch.Tensor, lr: float) -> list[torch.Tensor]:
-        s, u, v = layer.s, layer.u, layer.v
-        s1 = s[0]
-        m, n = layer.shape
-        u1, v1 = u[:, 0], v[:, 0]
-        mu = (u1 @ dw.to(torch.float64) @ v1) / (s1 * lr)
+        geo = layer.geo
+        s1, u1, v1 = geo.s1, geo.u1, geo.v1
+        mu = (u1 @ (dw.to(torch.float64) @ v1)) / (s1 * lr)
         gs2, nv = self.grad_scale**2, self.noise_var
+        zero = s1.new_zeros(())
         noise_lam = lr * nv / s1**2
-        noise_kap = lr / (2 * s1) * nv * hessian_trace(s, m, n) if nv else s.new_zeros(())
+        noise_kap = lr / (2 * s1) * nv * hessian_trace(geo) if nv else zero
         if layer.a is None:  # not used by this forward: no per-sample gradient, only the deterministic drift
-            zero = s.new_zeros(())
             out = [s1, mu, zero + noise_kap, zero + noise_lam]
             return out + ([zero + noise_kap, zero, zero + noise_lam, zero] if self.split else [])
         scale = float(layer.a.shape[0]) if self.reduction == "mean" else 1.0
         a, b = layer.a * scale, layer.b * scale
         self.last_projections[layer.name] = (a, b)
         mb = a.shape[0]
-        coef = gs2 / (mb * (mb - 1))
-        at, bt = a - a.mean(0), b - b.mean(0)
-        dt = a.dtype
-        pa, pb = at @ u.to(dt), bt @ v.to(dt)
-        q = hessian_quadratic_sum(
-            pa.double(), pb.double(), (at * at).sum().double(), (bt * bt).sum().double(), s, m, n
-        )
-        lam = lr / s1**2 * coef * (pa[:, 0].double() ** 2).sum() + noise_lam
+        coef = gs2 / (mb * (mb - 1))  # c of thesis Prop. 4.4.1, times the gradient scaling
+        ac, bc = a - a.mean(0), b - b.mean(0)
+        wbc = None
+        if layer.wb is not None:
+            wb = layer.wb * scale
+            wbc = wb - wb.mean(0)
+        q = hessian_quadratic_sum(geo, ac, bc, wbc)
+        lam = lr / s1**2 * coef * ((ac @ layer.u1).double() ** 2).sum() + noise_lam
         kap = lr / (2 * s1) * coef * q + noise_kap
         out = [s1, mu, kap, lam]
         if self.split:
             d = (layer.sumsq - layer.gsum * layer.gsum / mb).double() * scale**2  # sum_i (G_i - mean G)^2
             lam_var = lr / s1**2 * coef * ((u1 * u1) @ d @ (v1 * v1)) + noise_lam
-            kap_var = lr / (2 * s1) * coef * hessian_diagonal_dot(d, s, u, v) + noise_kap
+            kap_var = lr / (2 * s1) * coef * hessian_diagonal_dot(geo, d) + noise_kap
             out += [kap_var, kap - kap_var, lam_var, lam - lam_var]
         return out
 

@@ -19,9 +19,9 @@ from lipexp.dynamics import (
     hessian_trace,
     integrate,
     network_sums,
+    opnorm_geometry,
     step_terms,
     term_columns,
-    thin_svd,
 )
 from lipexp.layers import top_singular_values, weight_layers
 
@@ -115,33 +115,36 @@ def test_hessian_closed_forms_match_autograd(shape, rank):
     g = torch.Generator().manual_seed(1)
     m, n = shape
     w = torch.randn(m, n, generator=g, dtype=torch.float64)
-    if rank is not None:  # rank-deficient: s_i = 0 inside the thin SVD as well
+    if rank is not None:  # rank-deficient: zero singular values on the small side as well
         w = torch.randn(m, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, n, generator=g, dtype=torch.float64)
     hess = torch.autograd.functional.hessian(s1_fn, w).reshape(m * n, m * n)
-    s, u, v = thin_svd(w)
-    assert len(s) == (rank or min(m, n))
+    jac = torch.autograd.functional.jacobian(s1_fn, w)
+    geo = opnorm_geometry(w)
+    assert rel(float(geo.s1), float(s1_fn(w))) <= 1e-14
+    assert torch.allclose(torch.outer(geo.u1, geo.v1), jac, rtol=0, atol=1e-13)
     gmat = torch.randn(6, m, n, generator=g, dtype=torch.float64)
-    a, b = gmat @ v[:, 0], gmat.transpose(1, 2) @ u[:, 0]
-    q = hessian_quadratic_sum(a @ u, b @ v, (a * a).sum(), (b * b).sum(), s, m, n)
+    a, b = gmat @ geo.v1, gmat.transpose(1, 2) @ geo.u1
     vec = gmat.reshape(6, -1)
-    q_ref = torch.einsum("ia,ab,ib->", vec, hess, vec)
-    assert rel(float(q), float(q_ref)) <= TOL
-    assert rel(float(hessian_trace(s, m, n)), float(torch.trace(hess))) <= TOL
+    q_ref = float(torch.einsum("ia,ab,ib->", vec, hess, vec))
+    assert rel(float(hessian_quadratic_sum(geo, a, b)), q_ref) <= TOL
+    if m <= n:  # the Linear-layer shortcut: rows W b_i given
+        assert rel(float(hessian_quadratic_sum(geo, a, b, w_b=b @ w.T)), q_ref) <= TOL
+    assert rel(float(hessian_trace(geo)), float(torch.trace(hess))) <= TOL
     d = torch.rand(m, n, generator=g, dtype=torch.float64)
     ref = float((torch.diagonal(hess) * d.reshape(-1)).sum())
-    assert rel(float(hessian_diagonal_dot(d, s, u, v)), ref) <= TOL
+    assert rel(float(hessian_diagonal_dot(geo, d)), ref) <= TOL
 
 
-def test_thin_svd_matches_full_svd():
+def test_geometry_of_float32_weights_and_warm_start():
     g = torch.Generator().manual_seed(2)
     for m, n in [(30, 7), (7, 30), (12, 12)]:
         w = torch.randn(m, n, generator=g)  # float32 in, float64 out
-        s, u, v = thin_svd(w)
-        ref = torch.linalg.svdvals(w.double())
-        assert torch.allclose(s, ref, rtol=1e-12, atol=0)
-        assert torch.allclose(w.double() @ v, u * s, atol=1e-12)
-        assert torch.allclose(u.T @ u, torch.eye(len(s), dtype=torch.float64), atol=1e-12)
-        assert torch.allclose(v.T @ v, torch.eye(len(s), dtype=torch.float64), atol=1e-12)
+        ref = torch.linalg.svd(w.double())
+        geo = opnorm_geometry(w)
+        assert rel(float(geo.s1), float(ref.S[0])) <= 1e-14
+        assert torch.allclose(torch.outer(geo.u1, geo.v1), torch.outer(ref.U[:, 0], ref.Vh[0]), atol=1e-13)
+        warm = opnorm_geometry(w, start=geo.q1)
+        assert torch.allclose(warm.u1, geo.u1, atol=1e-14) and torch.allclose(warm.v1, geo.v1, atol=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,10 +202,12 @@ def test_projections_equal_exact_per_sample_gradients():
         tr.end()
         for name, mod in weight_layers(model):
             g = grads[name].reshape(7, mod.weight.shape[0], -1)
-            s, u, v = thin_svd(mod.weight.reshape(mod.weight.shape[0], -1))
+            svd = torch.linalg.svd(mod.weight.detach().reshape(mod.weight.shape[0], -1))
+            sign = torch.sign(svd.U[:, 0] @ tr.layers[[l.name for l in tr.layers].index(name)].geo.u1)
+            u1, v1 = sign * svd.U[:, 0], sign * svd.Vh[0]
             a, b = tr.last_projections[name]
-            assert torch.allclose(a, g @ v[:, 0], rtol=0, atol=1e-12 * float(g.abs().max())), name
-            assert torch.allclose(b, g.transpose(1, 2) @ u[:, 0], rtol=0, atol=1e-12 * float(g.abs().max())), name
+            assert torch.allclose(a, g @ v1, rtol=0, atol=1e-12 * float(g.abs().max())), name
+            assert torch.allclose(b, g.transpose(1, 2) @ u1, rtol=0, atol=1e-12 * float(g.abs().max())), name
         tr.close()
         model.zero_grad()
 
