@@ -26,6 +26,7 @@ of the very forward pass that produced the step. BatchNorm layers do not enter K
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -48,6 +49,7 @@ __all__ = [
     "hessian_quadratic_sum",
     "hessian_trace",
     "hessian_diagonal_dot",
+    "conv_b_projection",
 ]
 
 TERMS = ("sigma1", "mu", "kappa", "lambda2")
@@ -231,6 +233,55 @@ def _conv_geometry(name: str, mod: nn.Conv2d) -> _ConvGeom:
     return _ConvGeom((kh, kw), tuple(mod.stride), (dh, dw), (pw[0], pw[1], ph[0], ph[1]))
 
 
+def conv_b_projection(x: torch.Tensor, du: torch.Tensor, geo: _ConvGeom, cache: dict | None = None, method: str = "auto"):
+    """``b_i = G_i^T u1 = sum_p x_{i,p} du_{i,p}`` (M x C*kh*kw) for a Conv2d, from its input ``x``
+    (M x C x H x W) and ``du`` (M x Ho x Wo, ``u1 . delta`` at every output position).
+
+    It is the weight gradient of a one-output-channel convolution, per sample. Two exact routes:
+    ``"grouped"``: every (sample, channel) pair is its own group, correlated with the sample's ``du`` as
+    kernel, dilated by the stride (theory.md §2); cheap for few input channels. ``"scatter"``: scatter
+    ``du`` into a (M, kh*kw, H*W) matrix D (entry (k, q) holds du at the output position that reads input
+    pixel q through kernel tap k; taps landing in the zero padding are dropped), then one batched
+    product ``D x_i^T``; no padded copy of x, and it wins once C >= kh*kw. ``"auto"`` picks by that rule.
+    """
+    mb, c, h, w = x.shape
+    ho, wo = du.shape[1:]
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.stride, geo.dilation
+    pl, pr, pt, pb = geo.pad
+    if method == "auto":
+        method = "scatter" if c >= kh * kw else "grouped"
+    if method == "scatter":
+        key = (h, w, ho, wo, du.device)
+        if cache is None or key not in cache:
+            ki, kj = (t.reshape(-1, 1) for t in torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij"))
+            oh, ow = (t.reshape(1, -1) for t in torch.meshgrid(torch.arange(ho), torch.arange(wo), indexing="ij"))
+            r, q = sh * oh + dh * ki - pt, sw * ow + dw * kj - pl  # input pixel read by tap k at output p
+            valid = (r >= 0) & (r < h) & (q >= 0) & (q < w)
+            tgt = (torch.arange(kh * kw).reshape(-1, 1) * (h * w) + r * w + q)[valid]
+            src = torch.arange(ho * wo).expand(kh * kw, -1)[valid]
+            entry = (tgt.to(du.device), src.to(du.device))
+            if cache is not None:
+                cache[key] = entry
+        else:
+            entry = cache[key]
+        tgt, src = entry
+        d = du.new_zeros(mb, kh * kw * h * w)
+        d.index_copy_(1, tgt, du.reshape(mb, -1).index_select(1, src))
+        out = torch.matmul(d.view(mb, kh * kw, h * w), x.reshape(mb, c, h * w).transpose(1, 2))  # (M, K, C)
+        return out.transpose(1, 2).reshape(mb, c * kh * kw)
+    kern = du.view(mb, 1, ho, wo).expand(mb, c, ho, wo).reshape(mb * c, 1, ho, wo)
+    if pl == pr and pt == pb:  # symmetric: let the convolution pad (no copy), drop unreached offsets
+        out = F.conv2d(x.reshape(1, mb * c, h, w), kern, dilation=(sh, sw), padding=(pt, pl), groups=mb * c)
+        out = out[..., : dh * (kh - 1) + 1, : dw * (kw - 1) + 1]
+    else:  # pad, and crop what the strided windows never reach, in one copy (negative pads crop)
+        hneed, wneed = sh * (ho - 1) + dh * (kh - 1) + 1, sw * (wo - 1) + dw * (kw - 1) + 1
+        xp = F.pad(x, (pl, pr - (w + pl + pr - wneed), pt, pb - (h + pt + pb - hneed)))
+        out = F.conv2d(xp.view(1, mb * c, hneed, wneed), kern, dilation=(sh, sw), groups=mb * c)
+    if dh > 1 or dw > 1:
+        out = out[..., ::dh, ::dw]
+    return out.reshape(mb, c * kh * kw)
+
+
 @dataclass
 class _Layer:
     name: str
@@ -256,6 +307,7 @@ class _Layer:
     gsum: torch.Tensor | None = None  # split only: sum_i G_i (m, n)
     grad_checked: bool = False
     handles: list = field(default_factory=list)
+    index_cache: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -264,6 +316,20 @@ class _Layer:
     def clear_step(self) -> None:
         self.called, self.x, self.z, self.a, self.b, self.wx, self.wb = (False,) + (None,) * 6
         self.sumsq, self.gsum, self.grad_checked = None, None, False
+
+
+@contextmanager
+def _cpu_threads(n: int | None):
+    """Run the block with ``n`` intra-op CPU threads (None: leave torch's setting)."""
+    old = torch.get_num_threads()
+    if n is None or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _chunk(budget: int, per_sample: int, total: int) -> int:
@@ -303,6 +369,10 @@ class DynamicsTracker:
       zeroed, a second backward). Turn off if the loss deliberately adds terms on the weights (an L2
       penalty in the loss; the applied-update drift still handles it exactly).
     - ``chunk_elems``: memory budget (elements) of a chunk of per-sample gradients in the split.
+    - ``linalg_threads``: CPU threads for the small float64 linear algebra of ``begin()``/``end()``
+      (Gram matrices, ``eigvalsh``, Cholesky of at most a few hundred rows). One by default: threads
+      buy little there, and on an oversubscribed machine OpenMP's waiting made these calls 5-7x slower
+      in our measurements. ``None`` keeps torch's setting. The hooks always use torch's setting.
     """
 
     def __init__(
@@ -317,6 +387,7 @@ class DynamicsTracker:
         reduction: str = "mean",
         check_grad: bool = True,
         chunk_elems: int = 1 << 22,
+        linalg_threads: int | None = 1,
     ):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -329,7 +400,7 @@ class DynamicsTracker:
         self.model, self.lr, self.split = model, float(lr), split
         self.grad_scale, self.noise_var = float(grad_scale), float(noise_var)
         self.optimizer, self.sigma1_only, self.reduction = optimizer, sigma1_only, reduction
-        self.check_grad, self.chunk_elems = check_grad, chunk_elems
+        self.check_grad, self.chunk_elems, self.linalg_threads = check_grad, chunk_elems, linalg_threads
         self.layers = [self._make_layer(name, mod) for name, mod in weight_layers(model)]
         if not self.layers:
             raise ValueError("model has no nn.Linear / nn.Conv2d weight to track")
@@ -394,6 +465,11 @@ class DynamicsTracker:
         """Spectral data and snapshot of every weight; arm the hooks for one forward/backward."""
         if self.armed:
             raise RuntimeError("begin() called twice without end(); call abort() to drop a failed step")
+        with _cpu_threads(self.linalg_threads):
+            self._begin()
+        self.armed = True
+
+    def _begin(self) -> None:
         for layer in self.layers:
             layer.clear_step()
             w = layer.param.detach().reshape(layer.shape)
@@ -407,7 +483,6 @@ class DynamicsTracker:
             layer.s1 = layer.geo.s1
             layer.u1, layer.v1 = layer.geo.u1.to(w.dtype), layer.geo.v1.to(w.dtype)
             layer.snapshot = w.clone()
-        self.armed = True
 
     def abort(self) -> None:
         """Disarm after a failed step (exception between begin() and end())."""
@@ -426,7 +501,7 @@ class DynamicsTracker:
         lr = self._step_lr()
         names, rows = [], []
         self.last_projections = {}
-        with torch.no_grad():
+        with torch.no_grad(), _cpu_threads(self.linalg_threads):
             for layer in self.layers:
                 if layer.called and layer.a is None:
                     raise RuntimeError(
@@ -577,30 +652,20 @@ class DynamicsTracker:
         m, n = layer.shape
         mb, _, ho, wo = grad.shape
         x = layer.x
-        c = x.shape[1]
         (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.stride, geo.dilation
         delta = grad.reshape(mb, m, ho * wo)
-        layer.a = torch.bmm(delta, layer.z.unsqueeze(2)).squeeze(2)  # (M, m): sum_p delta_{i,p} z_{i,p}
+        # (M, m): sum_p delta_{i,p} z_{i,p}, as z^T delta^T (a bmm with a 1-column right operand is far slower)
+        layer.a = torch.matmul(layer.z.unsqueeze(1), delta.transpose(1, 2)).squeeze(1)
         du = torch.matmul(layer.u1, delta)  # (M, P): u1 . delta_{i,p}
-        # pad, and crop what the strided windows never reach, in one copy (negative pads crop)
-        hp, wp = x.shape[2] + geo.pad[2] + geo.pad[3], x.shape[3] + geo.pad[0] + geo.pad[1]
-        hneed, wneed = sh * (ho - 1) + dh * (kh - 1) + 1, sw * (wo - 1) + dw * (kw - 1) + 1
-        pad = (geo.pad[0], geo.pad[1] - (wp - wneed), geo.pad[2], geo.pad[3] - (hp - hneed))
-        xp = F.pad(x, pad) if any(pad) else x.contiguous()
-        # b_i[c, ki, kj] = sum_p x_pad[i, c, s*p + d*k] du_{i,p}: every (sample, channel) is its own group
-        # correlated with that sample's du as kernel, dilated by the stride (theory.md §2)
-        kern = du.view(mb, 1, ho, wo).expand(mb, c, ho, wo).reshape(mb * c, 1, ho, wo)
-        out = F.conv2d(xp.view(1, mb * c, hneed, wneed), kern, dilation=(sh, sw), groups=mb * c)
-        if dh > 1 or dw > 1:
-            out = out[..., ::dh, ::dw]
-        layer.b = out.reshape(mb, n)
+        layer.b = conv_b_projection(x, du.view(mb, ho, wo), geo, layer.index_cache)
         if not self.split:
             return
         layer.sumsq = torch.zeros(m, n, dtype=grad.dtype, device=grad.device)
         layer.gsum = torch.zeros_like(layer.sumsq)
         step = _chunk(self.chunk_elems, n * ho * wo + m * n, mb)
         for i in range(0, mb, step):
-            cols = F.unfold(xp[i : i + step], (kh, kw), dilation=(dh, dw), stride=(sh, sw))  # (s, n, P)
+            xs = F.pad(x[i : i + step], geo.pad)
+            cols = F.unfold(xs, (kh, kw), dilation=(dh, dw), stride=(sh, sw))  # (s, n, P)
             g = torch.bmm(delta[i : i + step], cols.transpose(1, 2))  # per-sample (s, m, n)
             layer.sumsq += (g * g).sum(0)
             layer.gsum += g.sum(0)

@@ -6,12 +6,17 @@ Three variants of one training step on CIFAR-shaped random input, float32:
   vmap   per-sample gradients of all parameters by torch.func.vmap(grad), the step from their mean
          (the usual way to get what the tracker needs).
 Time: the variants run interleaved (order rotated every repeat) in one process; we print the median
-and the minimum over repeats and the ratios to the plain step.
+and the minimum over repeats, their ratios to the plain step, and the median of the per-repeat ratios
+("paired", the most robust on a shared machine).
 Memory: each variant runs in a fresh subprocess. On CPU it reports the growth of the peak resident set
 size (VmHWM) over the process after setup (model, data, optimiser built), across three steps, i.e.
 the step's own peak memory; on CUDA, max_memory_allocated above what was allocated before the steps.
 
     python scripts/bench_tracker.py [--device cpu|cuda] [--threads N] [--repeats 9] [--split]
+
+On glibc, the default malloc returns large freed blocks to the kernel, so every step page-faults its
+activations afresh (here ~70k faults, a third of a plain CPU step). Both variants pay it; to time
+without it, run with MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736.
 """
 from __future__ import annotations
 
@@ -128,7 +133,11 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument(
+        "--threads", type=int, default=1,
+        help="torch.set_num_threads; 0 keeps torch's default (1 by default: on a shared, oversubscribed machine "
+        "OpenMP's spinning threads make multi-threaded timings meaningless)",
+    )
     ap.add_argument("--split", action="store_true", help="track with the variance/covariance split too")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-probe", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -148,9 +157,14 @@ def main():
     times = time_all(args)
     med = {v: statistics.median(t) for v, t in times.items()}
     mn = {v: min(t) for v, t in times.items()}
-    print(f"{'variant':8s} {'median ms':>10s} {'min ms':>8s} {'x plain (median)':>17s} {'x plain (min)':>14s}")
+    # ratio within each repeat (the variants ran back to back), then the median: robust to load drift
+    paired = {v: statistics.median(t / p for t, p in zip(times[v], times["plain"])) for v in VARIANTS}
+    print(f"{'variant':8s} {'median ms':>10s} {'min ms':>8s} {'x plain: median':>16s} {'min':>6s} {'paired':>7s}")
     for v in VARIANTS:
-        print(f"{v:8s} {1e3 * med[v]:10.1f} {1e3 * mn[v]:8.1f} {med[v] / med['plain']:17.3f} {mn[v] / mn['plain']:14.3f}")
+        print(
+            f"{v:8s} {1e3 * med[v]:10.1f} {1e3 * mn[v]:8.1f} {med[v] / med['plain']:16.3f} "
+            f"{mn[v] / mn['plain']:6.3f} {paired[v]:7.3f}"
+        )
 
     if args.no_memory:
         return

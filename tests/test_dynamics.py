@@ -23,6 +23,7 @@ from lipexp.dynamics import (
     step_terms,
     term_columns,
 )
+from lipexp.dynamics import _conv_geometry, conv_b_projection
 from lipexp.layers import top_singular_values, weight_layers
 
 TOL = 1e-10
@@ -189,6 +190,32 @@ def test_linear_on_sequences_against_brute_force():
     torch.manual_seed(0)
     x, y = data((5, 4))
     check_model(SeqNet().double(), x, y)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(5, 4, 3, stride=2, padding=1),
+        nn.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(2, 0), dilation=(2, 1)),
+        nn.Conv2d(4, 3, 2, padding="same"),
+        nn.Conv2d(3, 3, 5, dilation=2, padding="same"),
+    ],
+)
+def test_conv_b_projection_both_routes(conv):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, conv.in_channels, 9, 8, generator=g, dtype=torch.float64)
+    ho, wo = conv.double()(x).shape[2:]
+    du = torch.randn(5, ho, wo, generator=g, dtype=torch.float64)
+    geo = _conv_geometry("c", conv)
+    xp = F.pad(x, geo.pad)
+    cols = F.unfold(xp, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # M x n x P
+    ref = torch.einsum("mnp,mp->mn", cols, du.flatten(1))
+    cache = {}
+    for method in ("grouped", "scatter", "scatter"):  # the second scatter reuses the cached index
+        got = conv_b_projection(x, du, geo, cache, method=method)
+        assert torch.allclose(got, ref, rtol=0, atol=1e-12), method
+    assert len(cache) == 1
 
 
 def test_projections_equal_exact_per_sample_gradients():
