@@ -258,6 +258,90 @@ def test_batchnorm_uses_summed_loss_backprop_definition():
     assert torch.allclose(g_ps.mean(0), conv.weight.grad.reshape(3, 18), atol=1e-12)
 
 
+def definition_brute(model, x, y, lr, seed):
+    """Per-sample G_i = sum_p delta_{i,p} x_{i,p}^T from autograd of the summed loss (any coupling, any
+    dropout mask: the forward is replayed with the same RNG seed), then the brute-force terms."""
+    saved = {}
+
+    def keep(name):
+        def hook(mod, inp, out):
+            saved[name] = (inp[0], out)
+            return out.clone()  # what follows (an in-place ReLU) must not overwrite the saved output
+
+        return hook
+
+    hooks = [mod.register_forward_hook(keep(name)) for name, mod in weight_layers(model)]
+    torch.manual_seed(seed)
+    out = model(x)
+    for h in hooks:
+        h.remove()
+    names = list(saved)
+    deltas = torch.autograd.grad(ce(out, y).sum(), [saved[k][1] for k in names])
+    refs = {}
+    for name, delta in zip(names, deltas):
+        mod = dict(weight_layers(model))[name]
+        xin = saved[name][0].detach()
+        if isinstance(mod, nn.Conv2d):
+            geo = _conv_geometry(name, mod)
+            cols = F.unfold(F.pad(xin, geo.pad), mod.kernel_size, dilation=mod.dilation, stride=mod.stride)
+            g_ps = torch.einsum("mcp,mnp->mcn", delta.flatten(2), cols)
+        else:
+            g_ps = torch.einsum("mc,mn->mcn", delta, xin)
+        refs[name] = brute(mod.weight, g_ps, lr)
+    return refs
+
+
+def test_dropout_batchnorm_inplace_relu_use_the_step_forward():
+    """Terms come from the very forward that made the step (same dropout masks, batch statistics)."""
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.3),
+        nn.Conv2d(4, 6, 3, stride=2),
+        nn.BatchNorm2d(6, track_running_stats=False),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 5),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.3),
+        nn.Linear(5, 3),
+    ).double()
+    x, y = data((2, 7, 7))
+    refs = definition_brute(model, x, y, 0.05, seed=11)
+    torch.manual_seed(11)
+    got = step_terms(model, ce, x, y, 0.05, split=True)
+    for name in refs:
+        assert_terms(got[name], refs[name], TERMS_ALL, label=name)
+
+
+def test_attack_before_begin_is_not_captured_and_tracker_matches_step_terms():
+    torch.manual_seed(0)
+    model = cnn()
+    x, y = data((2, 9, 9))
+    lr = 0.05
+    xa = x.clone().requires_grad_()  # an FGSM-style forward/backward before begin()
+    gx = torch.autograd.grad(ce(model(xa), y).sum(), xa)[0]
+    x_adv = (x + 0.03 * gx.sign()).detach()
+    ref = step_terms(model, ce, x_adv, y, lr)
+    model.zero_grad()
+    for reduction in ("mean", "sum"):
+        m2 = cnn()
+        m2.load_state_dict(model.state_dict())
+        tracker = DynamicsTracker(m2, lr, reduction=reduction)
+        xa = x.clone().requires_grad_()
+        torch.autograd.grad(ce(m2(xa), y).sum(), xa)  # not captured: tracker not armed
+        tracker.begin()
+        losses = ce(m2(x_adv), y)
+        (losses.mean() if reduction == "mean" else losses.sum()).backward()
+        with torch.no_grad():  # a manual SGD step
+            for p in m2.parameters():
+                p -= (lr if reduction == "mean" else lr / len(y)) * p.grad
+        got = tracker.end()
+        tracker.close()
+        for name in ref:
+            assert_terms(got[name], ref[name], label=f"{reduction} {name}", tol=1e-9)
+
+
 def test_weight_decay_and_injected_noise_against_brute_force():
     torch.manual_seed(0)
     model = mlp()
