@@ -11,10 +11,15 @@ Per step and per weight matrix W (m x n, Conv2d reshaped to out x in*kh*kw) with
   J and H the gradient and Hessian of ``s_1`` (thesis Lemmas 4.6.2, 4.6.3).
 
 Nothing of size M*m*n is formed for these: hooks collect the per-sample projections ``a_i = G_i v_1``
-(length m) and ``b_i = G_i^T u_1`` (length n) from the forward/backward pass that makes the step, and
-``<H, G~ G~^T>`` only needs them projected on the thin SVD (theory.md §2). The optional variance/covariance
-split (thesis Prop. 4.4.2) uses ``diag(Sigma)`` against ``diag(H)`` in closed form; for convolutions (and
-Linear layers applied to sequences) it forms per-sample gradients, a chunk of samples at a time.
+(length m) and ``b_i = G_i^T u_1`` (length n) from the forward/backward pass that makes the step
+(theory.md §2), and ``<H, G~ G~^T>`` needs only them and a Cholesky factor of
+``s_1^2 I - W W^T + s_1^2 u_1 u_1^T`` (see ``OpNormGeometry``): no singular vectors beyond the top pair,
+all in float64 from the smaller Gram matrix. The optional variance/covariance split (thesis Prop. 4.4.2)
+uses ``diag(Sigma)`` against ``diag(H)`` in closed form; for convolutions (and Linear layers applied to
+sequences) it forms per-sample gradients, a chunk of samples at a time.
+
+Cost (ConvNet of thesis Table 4.1, batch 256, one CPU thread): about 1.1-1.3x a plain SGD step, peak
+memory about that of a plain step; see ``scripts/bench_tracker.py``.
 
 Per-sample gradient convention: ``G_i = sum_p delta_{i,p} x_{i,p}^T`` with ``delta`` the gradient of the
 *summed* loss with respect to the layer output (the loop may backprop the mean; the tracker rescales).
@@ -71,7 +76,7 @@ class OpNormGeometry:
 
         q(G) = vec(G)^T H vec(G) = ( |L^-1 (s1 a' + W b')|^2 + |b'|^2 ) / s1     (wide; A = L L^T)
 
-    (the left, right and cross sums of Lemma 4.6.3 are ``s1 a'^T A^-1 a'``, ``(|b'|^2 + |A^-1/2 W b'|^2)/s1``
+    (the left, right and cross sums of Lemma 4.6.3 are ``s1 a'^T A^-1 a'``, ``(|b'|^2 + |L^-1 W b'|^2)/s1``
     and ``2 a'^T A^-1 W b'``; for tall matrices swap the roles of a and b). So a Cholesky factor replaces
     the singular vectors, and the index ranges of the Lemma (all m left and n right vectors) hold by
     construction.
@@ -100,7 +105,7 @@ class OpNormGeometry:
 
 
 class SpectrumError(ValueError):
-    pass
+    """A weight whose top singular value is zero or repeated: the Chapter 4 terms are undefined."""
 
 
 def opnorm_geometry(w: torch.Tensor, start: torch.Tensor | None = None, name: str = "weight") -> OpNormGeometry:
@@ -296,6 +301,7 @@ class _Layer:
     snapshot: torch.Tensor | None = None
     # per step, from the hooks
     called: bool = False
+    expect_grad: bool = False
     x: torch.Tensor | None = None
     x_version: int = 0
     z: torch.Tensor | None = None  # x_{i,p} . v1, (M, P)
@@ -314,7 +320,8 @@ class _Layer:
         return self.param.shape[0], self.param[0].numel()
 
     def clear_step(self) -> None:
-        self.called, self.x, self.z, self.a, self.b, self.wx, self.wb = (False,) + (None,) * 6
+        self.called, self.expect_grad = False, False
+        self.x, self.z, self.a, self.b, self.wx, self.wb = (None,) * 6
         self.sumsq, self.gsum, self.grad_checked = None, None, False
 
 
@@ -411,7 +418,8 @@ class DynamicsTracker:
         if not sigma1_only:
             for layer in self.layers:
                 layer.handles.append(layer.module.register_forward_hook(self._forward_hook(layer), with_kwargs=True))
-                layer.handles.append(layer.param.register_post_accumulate_grad_hook(self._param_hook(layer)))
+                if layer.param.requires_grad:  # a frozen weight gets no gradient to check
+                    layer.handles.append(layer.param.register_post_accumulate_grad_hook(self._param_hook(layer)))
 
     # -- setup -----------------------------------------------------------------------------------
     @staticmethod
@@ -503,7 +511,7 @@ class DynamicsTracker:
         self.last_projections = {}
         with torch.no_grad(), _cpu_threads(self.linalg_threads):
             for layer in self.layers:
-                if layer.called and layer.a is None:
+                if layer.expect_grad and layer.a is None:
                     raise RuntimeError(
                         f"layer '{layer.name}' ran forward but received no gradient: call backward() between "
                         "the forward and end()"
@@ -541,8 +549,13 @@ class DynamicsTracker:
                     "exactly one. Run extra forwards (e.g. an adversarial attack) before begin() or under no_grad"
                 )
             layer.called = True
-            if not output.requires_grad:
-                return None
+            if not (output.requires_grad and layer.param.requires_grad):
+                return None  # a frozen weight does not move: no noise terms
+            if output.dtype != layer.param.dtype:
+                raise ValueError(
+                    f"layer '{layer.name}' computed in {output.dtype} with {layer.param.dtype} weights (autocast?); "
+                    "the tracker needs the forward in the weights' dtype"
+                )
             x = args[0] if args else kwargs["input"]
             if x.shape[0] < 2 or (layer.geom is not None and x.dim() != 4):
                 raise ValueError(
@@ -565,6 +578,7 @@ class DynamicsTracker:
                         z = z - layer.u1 @ module.bias.detach()
                     layer.z = z / layer.s1.to(z.dtype)
             output.register_hook(self._grad_hook(layer))
+            layer.expect_grad = True
             return None
 
         return hook

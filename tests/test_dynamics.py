@@ -576,3 +576,19 @@ def test_misuse_is_error():
     nn.init.orthogonal_(ortho[0].weight)
     with pytest.raises(ValueError, match="repeated top singular value"):
         step_terms(ortho, lambda o, t: o.pow(2).sum(1), torch.randn(3, 4, dtype=torch.float64), None, 0.1)
+
+
+def test_frozen_weight_has_no_noise_and_autocast_is_refused():
+    torch.manual_seed(0)
+    model = mlp()
+    model[2].weight.requires_grad_(False)
+    x, y = data((6,))
+    grads = per_sample_grads(model, x, y)
+    got = step_terms(model, ce, x, y, 0.05)
+    assert got["2.weight"]["mu"] == 0 and got["2.weight"]["kappa"] == 0 and got["2.weight"]["lambda2"] == 0
+    assert_terms(got["4.weight"], brute(model[4].weight, grads["4.weight"], 0.05))
+    model = cnn().float()
+    with DynamicsTracker(model, 0.1) as tr, pytest.raises(ValueError, match="autocast"):
+        tr.begin()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randn(4, 2, 9, 9))
