@@ -238,7 +238,9 @@ def _conv_geometry(name: str, mod: nn.Conv2d) -> _ConvGeom:
     return _ConvGeom((kh, kw), tuple(mod.stride), (dh, dw), (pw[0], pw[1], ph[0], ph[1]))
 
 
-def conv_b_projection(x: torch.Tensor, du: torch.Tensor, geo: _ConvGeom, cache: dict | None = None, method: str = "auto"):
+def conv_b_projection(
+    x: torch.Tensor, du: torch.Tensor, geo: _ConvGeom, cache: dict | None = None, method: str = "auto"
+) -> torch.Tensor:
     """``b_i = G_i^T u1 = sum_p x_{i,p} du_{i,p}`` (M x C*kh*kw) for a Conv2d, from its input ``x``
     (M x C x H x W) and ``du`` (M x Ho x Wo, ``u1 . delta`` at every output position).
 
@@ -399,7 +401,9 @@ class DynamicsTracker:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum' (how the loop reduces per-sample losses), got {reduction!r}")
+            raise ValueError(
+                f"reduction must be 'mean' or 'sum' (how the loop reduces per-sample losses), got {reduction!r}"
+            )
         if noise_var < 0:
             raise ValueError(f"noise_var is a variance and must be >= 0, got {noise_var}")
         if sigma1_only and (split or noise_var or grad_scale != 1.0):
@@ -516,7 +520,10 @@ class DynamicsTracker:
                         f"layer '{layer.name}' ran forward but received no gradient: call backward() between "
                         "the forward and end()"
                     )
-                dw = updates[layer.name] if updates is not None else layer.param.detach() - layer.snapshot.view_as(layer.param)
+                if updates is not None:
+                    dw = updates[layer.name]
+                else:
+                    dw = layer.param.detach() - layer.snapshot.view_as(layer.param)
                 names.append(layer.name)
                 rows.append(self._layer_terms(layer, dw.reshape(layer.shape), lr))
             values = torch.stack([torch.stack(r) for r in rows]).tolist()  # one device sync

@@ -117,7 +117,8 @@ def test_hessian_closed_forms_match_autograd(shape, rank):
     m, n = shape
     w = torch.randn(m, n, generator=g, dtype=torch.float64)
     if rank is not None:  # rank-deficient: zero singular values on the small side as well
-        w = torch.randn(m, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, n, generator=g, dtype=torch.float64)
+        left = torch.randn(m, rank, generator=g, dtype=torch.float64)
+        w = left @ torch.randn(rank, n, generator=g, dtype=torch.float64)
     hess = torch.autograd.functional.hessian(s1_fn, w).reshape(m * n, m * n)
     jac = torch.autograd.functional.jacobian(s1_fn, w)
     geo = opnorm_geometry(w)
@@ -416,10 +417,13 @@ def test_float32_model_close_to_float64():
 # ---------------------------------------------------------------------------------------------
 def test_integrator_against_hand_computation():
     lr = 0.1
+    def t(s1, mu, kappa, lam2):
+        return {"sigma1": s1, "mu": mu, "kappa": kappa, "lambda2": lam2}
+
     steps = [
-        {"a": {"sigma1": 2.0, "mu": 0.3, "kappa": 0.05, "lambda2": 0.2}, "b": {"sigma1": 3.0, "mu": -0.1, "kappa": 0.01, "lambda2": 0.1}},
-        {"a": {"sigma1": 2.1, "mu": 0.2, "kappa": 0.04, "lambda2": 0.3}, "b": {"sigma1": 2.9, "mu": 0.0, "kappa": 0.02, "lambda2": 0.0}},
-        {"a": {"sigma1": 2.2, "mu": 0.1, "kappa": 0.03, "lambda2": 0.1}, "b": {"sigma1": 2.8, "mu": 0.1, "kappa": 0.00, "lambda2": 0.1}},
+        {"a": t(2.0, 0.3, 0.05, 0.2), "b": t(3.0, -0.1, 0.01, 0.1)},
+        {"a": t(2.1, 0.2, 0.04, 0.3), "b": t(2.9, 0.0, 0.02, 0.0)},
+        {"a": t(2.2, 0.1, 0.03, 0.1), "b": t(2.8, 0.1, 0.00, 0.1)},
     ]
     integ = KIntegrator(lr)
     rows = [integ.update(t) for t in steps]
