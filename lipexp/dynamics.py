@@ -314,6 +314,7 @@ class _Layer:
     sumsq: torch.Tensor | None = None  # split only: sum_i G_i^2 (m, n)
     gsum: torch.Tensor | None = None  # split only: sum_i G_i (m, n)
     grad_checked: bool = False
+    grad_check: torch.Tensor | None = None  # (|grad v1 - sum_i a_i|, sum_i |a_i|)
     handles: list = field(default_factory=list)
     index_cache: dict = field(default_factory=dict)
 
@@ -324,7 +325,7 @@ class _Layer:
     def clear_step(self) -> None:
         self.called, self.expect_grad = False, False
         self.x, self.z, self.a, self.b, self.wx, self.wb = (None,) * 6
-        self.sumsq, self.gsum, self.grad_checked = None, None, False
+        self.sumsq, self.gsum, self.grad_checked, self.grad_check = None, None, False, None
 
 
 @contextmanager
@@ -373,7 +374,7 @@ class DynamicsTracker:
       Without it the tracker trusts that the update is ``-lr * (grad_scale * grad + noise)`` plus
       deterministic terms.
     - ``sigma1_only``: track ``sigma1`` alone (no hooks), for any optimiser.
-    - ``check_grad``: during backward, check that each weight's ``.grad`` is the sum of what its
+    - ``check_grad``: check (in ``end()``) that each weight's ``.grad`` after backward is the sum of what its
       module's hooks saw (catches tied weights, weights used outside their module, gradients not
       zeroed, a second backward). Turn off if the loss deliberately adds terms on the weights (an L2
       penalty in the loss; the applied-update drift still handles it exactly).
@@ -511,6 +512,7 @@ class DynamicsTracker:
             values = torch.stack([layer.s1 for layer in self.layers]).tolist()
             return {layer.name: {"sigma1": v} for layer, v in zip(self.layers, values)}
         lr = self._step_lr()
+        self._verify_grads()
         names, rows = [], []
         self.last_projections = {}
         with torch.no_grad(), _cpu_threads(self.linalg_threads):
@@ -532,6 +534,20 @@ class DynamicsTracker:
             layer.clear_step()
             layer.snapshot = None
         return {name: dict(zip(keys, vals)) for name, vals in zip(names, values)}
+
+    def _verify_grads(self) -> None:
+        checked = [layer for layer in self.layers if layer.grad_check is not None]
+        if not checked:
+            return
+        for layer, (err, scale) in zip(checked, torch.stack([c.grad_check for c in checked]).tolist()):
+            if not err <= 1e4 * torch.finfo(layer.a.dtype).eps * scale + 1e-30:
+                raise RuntimeError(
+                    f"the .grad of weight '{layer.name}' differs from the sum of the per-sample gradients its "
+                    f"module's hooks saw (|diff . v1| = {err:.3g}, scale {scale:.3g}). Causes: the weight is also "
+                    "used outside its module (tied weights), .grad was not zeroed before the step, "
+                    "gradients are accumulated over several backward passes, or the loss adds a term on the "
+                    "weights (an L2 penalty: fine for the tracker, pass check_grad=False)"
+                )
 
     def _step_lr(self) -> float:
         if self.optimizer is not None:
@@ -623,20 +639,9 @@ class DynamicsTracker:
             if layer.grad_checked:
                 raise RuntimeError(f"weight '{layer.name}' received a second gradient in one tracked step")
             layer.grad_checked = True
-            with torch.no_grad():
+            with torch.no_grad():  # compared in end(), so that a GPU need not sync inside backward
                 got = param.grad.reshape(layer.shape) @ layer.v1
-                want = layer.a.sum(0)
-                err = float((got - want).norm())
-                scale = float(layer.a.norm(dim=1).sum())
-                tol = 1e4 * torch.finfo(layer.a.dtype).eps * scale + 1e-30
-                if not err <= tol:
-                    raise RuntimeError(
-                        f"the .grad of weight '{layer.name}' differs from the sum of the per-sample gradients its "
-                        f"module's hooks saw (|diff . v1| = {err:.3g}, scale {scale:.3g}). Causes: the weight is also "
-                        "used outside its module (tied weights), .grad was not zeroed before the step, "
-                        "gradients are accumulated over several backward passes, or the loss adds a term on the "
-                        "weights (an L2 penalty: fine for the tracker, pass check_grad=False)"
-                    )
+                layer.grad_check = torch.stack([(got - layer.a.sum(0)).norm(), layer.a.norm(dim=1).sum()])
             return None
 
         return hook

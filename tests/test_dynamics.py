@@ -575,6 +575,18 @@ def test_misuse_is_error():
     with DynamicsTracker(tied, 0.1) as tr, pytest.raises(RuntimeError, match="differs"):
         tr.begin()
         tied(torch.randn(4, 5, dtype=torch.float64)).pow(2).sum(1).mean().backward()
+        tr.end()
+    tied.zero_grad()
+    with DynamicsTracker(tied, 0.1, check_grad=False) as tr:  # deliberately off: no error
+        tr.begin()
+        tied(torch.randn(4, 5, dtype=torch.float64)).pow(2).sum(1).mean().backward()
+        tr.end()
+    model = mlp()  # gradients not zeroed: caught
+    ce(model(x), y).mean().backward()
+    with DynamicsTracker(model, 0.1) as tr, pytest.raises(RuntimeError, match="not zeroed"):
+        tr.begin()
+        ce(model(x), y).mean().backward()
+        tr.end()
 
     ortho = nn.Sequential(nn.Linear(4, 4)).double()
     nn.init.orthogonal_(ortho[0].weight)
