@@ -297,7 +297,7 @@ class _Layer:
     geom: _ConvGeom | None  # None for Linear
     # set by begin()
     geo: OpNormGeometry | None = None
-    s1: float = 0.0
+    s1: torch.Tensor | None = None  # 0-d float64
     u1: torch.Tensor | None = None  # (m,) model dtype
     v1: torch.Tensor | None = None  # (n,) model dtype
     snapshot: torch.Tensor | None = None
@@ -352,7 +352,7 @@ class DynamicsTracker:
     Usage per training step (the loop backprops the *mean* of per-sample losses, or the sum with
     ``reduction='sum'``)::
 
-        tracker.begin()                      # SVDs of the current weights, snapshot, hooks armed
+        tracker.begin()                      # spectral data of the weights, snapshot, hooks armed
         losses = loss_fn(model(x), y)        # (M,) per-sample losses, ONE forward with grad
         losses.mean().backward()
         optimizer.step()                     # or any manual update (weight decay, scaling, noise)
@@ -364,8 +364,9 @@ class DynamicsTracker:
 
     - ``lr``: the step size (``dt``); update ``tracker.lr`` if it changes.
     - ``split``: also the variance (diag Sigma) / covariance (off-diagonal) parts of kappa, lambda2.
-    - ``grad_scale``: the loop multiplies the batch gradient by this (thesis Fig. 4.6's ``sqrt(rho)``), so
-      the per-sample noise covariance is scaled by its square; the drift comes from the applied update.
+    - ``grad_scale``: the loop multiplies the batch gradient by this after backward (thesis Fig. 4.6's
+      ``sqrt(rho)``), so the per-sample noise covariance is scaled by its square; the drift comes from the
+      applied update. A factor put on the loss before backward needs nothing: the hooks see it.
     - ``noise_var``: per-coordinate variance of isotropic noise the loop adds to the batch gradient
       (``(1-rho)`` for N(0,1), ``(1-rho)/12`` for U[-0.5, 0.5]); adds ``lr*noise_var/s1^2`` to lambda2 and
       ``lr/(2 s1) noise_var tr(H)`` to kappa (counted in the variance part: the noise is diagonal).
@@ -580,7 +581,7 @@ class DynamicsTracker:
                     "the tracker needs the forward in the weights' dtype"
                 )
             x = args[0] if args else kwargs["input"]
-            if x.shape[0] < 2 or (layer.geom is not None and x.dim() != 4):
+            if x.dim() < 2 or x.shape[0] < 2 or (layer.geom is not None and x.dim() != 4):
                 raise ValueError(
                     f"layer '{layer.name}' got input of shape {tuple(x.shape)}; the tracker needs a batch of at "
                     "least 2 samples along dim 0 (N x C x H x W for Conv2d)"
