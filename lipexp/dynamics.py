@@ -84,7 +84,6 @@ class OpNormGeometry:
 
     w: torch.Tensor  # m x n
     wide: bool
-    lam: torch.Tensor  # (k,) eigenvalues s_i^2 of the smaller Gram, descending
     s1: torch.Tensor  # 0-d
     u1: torch.Tensor  # (m,)
     v1: torch.Tensor  # (n,)
@@ -108,52 +107,72 @@ class SpectrumError(ValueError):
     """A weight whose top singular value is zero or repeated: the Chapter 4 terms are undefined."""
 
 
+def _top_eigvec(gram: torch.Tensor, shift: float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Inverse iteration on ``shift I - gram`` (shift just above the top eigenvalue) from ``x``; None if
+    the shift is not above it or ten steps do not converge to float64 accuracy."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    c, info = torch.linalg.cholesky_ex(shift * eye - gram)
+    if int(info) != 0:
+        return None
+    for _ in range(10):
+        x = torch.cholesky_solve(x[:, None], c)[:, 0]
+        x = x / x.norm()
+        gx = gram @ x
+        lam1 = x @ gx
+        if float((gx - lam1 * x).norm()) <= 1e-12 * float(lam1):  # converged: one more step to polish
+            x = torch.cholesky_solve(x[:, None], c)[:, 0]
+            x = x / x.norm()
+            return x, x @ gram @ x
+    return None
+
+
 def opnorm_geometry(w: torch.Tensor, start: torch.Tensor | None = None, name: str = "weight") -> OpNormGeometry:
     """s1, (u1, v1) and the Cholesky factor of ``A`` for ``w`` (m x n; computed in float64).
 
-    ``eigvalsh`` of the smaller Gram matrix gives the spectrum; the top eigenvector comes from a few
-    steps of inverse iteration with a shift ``1e-12 s1^2`` above the top eigenvalue (from ``start``, e.g.
-    the previous step's vector, when given), which converges to float64 accuracy in one or two steps
-    unless s1 is nearly repeated. Raises ``SpectrumError`` (a ValueError) if ``w`` is zero or its top
-    singular value is repeated (the terms are then undefined, thesis Assumption 4.6.1).
+    The top eigenpair of the smaller Gram matrix comes from inverse iteration. With ``start`` (the
+    previous step's top vector: weights move little per step) the shift is its Rayleigh quotient plus
+    the residual norm. Otherwise, or if that fails, ``eigvalsh`` gives the spectrum, the check that s1
+    is simple, and a shift ``1e-12`` above the top eigenvalue. Raises ``SpectrumError`` (a ValueError) if ``w`` is
+    zero or its top singular value is repeated (thesis Assumption 4.6.1: the terms are then undefined).
     """
     wd = w.detach().to(torch.float64, copy=True)  # a copy even for float64: the step updates w in place
     m, n = wd.shape
     wide = m <= n
     gram = wd @ wd.T if wide else wd.T @ wd
     k = gram.shape[0]
-    lam = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
-    lam1 = float(lam[0])
-    if not lam1 > 0:
-        raise SpectrumError(f"{name} is zero: sigma_1 = 0, so the Chapter 4 terms (which divide by it) are undefined")
-    if k > 1 and lam1 - float(lam[1]) <= 1e-12 * lam1:
-        raise SpectrumError(
-            f"{name} has a repeated top singular value (s1 = {lam1 ** 0.5:.6g}, s2 = {float(lam[1]) ** 0.5:.6g}); "
-            "the operator norm is then not differentiable (thesis Assumption 4.6.1) and kappa is undefined. "
-            "An orthogonal or identity initialisation does this: perturb the weights or use a random init."
-        )
-    eye = torch.eye(k, dtype=torch.float64, device=wd.device)
-    if start is None or start.shape != (k,):
+    top = None
+    if start is not None and start.shape == (k,):
+        x0 = start.to(torch.float64)
+        gx = gram @ x0
+        lam_r = float(x0 @ gx)
+        # some eigenvalue lies within |residual| of the Rayleigh quotient; near the old top vector it is s1^2
+        top = _top_eigvec(gram, lam_r + 1.01 * float((gx - lam_r * x0).norm()) + 1e-12 * lam_r, x0)
+    if top is None:
+        lam = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+        lam1 = float(lam[0])
+        if not lam1 > 0:
+            raise SpectrumError(f"{name} is zero: sigma_1 = 0, and the Chapter 4 terms divide by it")
+        if k > 1 and lam1 - float(lam[1]) <= 1e-12 * lam1:
+            raise SpectrumError(
+                f"{name} has a repeated top singular value (s1 = {lam1 ** 0.5:.6g}, s2 = {float(lam[1]) ** 0.5:.6g}); "
+                "the operator norm is then not differentiable (thesis Assumption 4.6.1) and kappa is undefined. "
+                "An orthogonal or identity initialisation does this: perturb the weights or use a random init."
+            )
         gen = torch.Generator().manual_seed(0)
-        start = gram @ torch.randn(k, generator=gen, dtype=torch.float64).to(wd.device)
-    x = start.to(torch.float64)
-    c, info = torch.linalg.cholesky_ex(lam1 * (1 + 1e-12) * eye - gram)
-    for _ in range(3):
-        x = torch.cholesky_solve(x[:, None], c)[:, 0]
-        x = x / x.norm()
-    lam1_t = x @ gram @ x
-    resid = float((gram @ x - lam1_t * x).norm())
-    if int(info) != 0 or not resid <= 1e-9 * lam1:  # far from converged (nearly repeated s1): do it fully
-        x = torch.linalg.eigh(gram)[1][:, -1]
-        lam1_t = x @ gram @ x
+        x0 = gram @ torch.randn(k, generator=gen, dtype=torch.float64).to(wd.device)
+        top = _top_eigvec(gram, lam1 * (1 + 1e-12), x0)
+        if top is None:  # s1 nearly repeated: inverse iteration converges slowly, do it fully
+            x = torch.linalg.eigh(gram)[1][:, -1]
+            top = x, x @ gram @ x
+    x, lam1_t = top
     s1 = lam1_t.sqrt()
     p = (wd.T @ x if wide else wd @ x) / s1
-    a_mat = lam1_t * eye - gram + lam1_t * torch.outer(x, x)
-    chol, info = torch.linalg.cholesky_ex(a_mat)
-    if int(info) != 0:
-        raise SpectrumError(f"{name}: the top singular value is too close to the next one for a stable kappa")
+    eye = torch.eye(k, dtype=torch.float64, device=wd.device)
+    chol, info = torch.linalg.cholesky_ex(lam1_t * eye - gram + lam1_t * torch.outer(x, x))
+    if int(info) != 0:  # A is singular: s2 = s1 to rounding
+        raise SpectrumError(f"{name} has a repeated top singular value (s1 = {float(s1):.6g}); kappa is undefined")
     u1, v1 = (x, p) if wide else (p, x)
-    return OpNormGeometry(wd, wide, lam, s1, u1, v1, chol)
+    return OpNormGeometry(wd, wide, s1, u1, v1, chol)
 
 
 def hessian_quadratic_sum(
@@ -179,11 +198,17 @@ def hessian_quadratic_sum(
 
 
 def hessian_trace(geo: OpNormGeometry) -> torch.Tensor:
-    """``tr(H) = sum_{i=2..m} s1/(s1^2-s_i^2) + sum_{j=2..n} s1/(s1^2-s_j^2)`` (``s_i = 0`` past the rank)."""
+    """``tr(H) = sum_{i=2..m} s1/(s1^2-s_i^2) + sum_{j=2..n} s1/(s1^2-s_j^2)`` (``s_i = 0`` past the rank).
+
+    On the small side ``sum_{i>=2} 1/(s1^2-s_i^2) = tr(A^-1) - 1/s1^2``; the larger side has the same
+    terms plus ``max(m, n) - k`` zero singular values.
+    """
     m, n = geo.w.shape
-    lam = geo.lam
-    k = len(lam)
-    return 2.0 * (geo.s1 / (geo.s1**2 - lam[1:])).sum() + (max(m, n) - k) / geo.s1
+    k = geo.chol.shape[0]
+    eye = torch.eye(k, dtype=torch.float64, device=geo.chol.device)
+    l_inv = torch.linalg.solve_triangular(geo.chol, eye, upper=False)
+    small = geo.s1 * ((l_inv * l_inv).sum() - 1.0 / geo.s1**2)
+    return 2.0 * small + (max(m, n) - k) / geo.s1
 
 
 def hessian_diagonal_dot(geo: OpNormGeometry, d: torch.Tensor) -> torch.Tensor:

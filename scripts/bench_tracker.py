@@ -7,7 +7,8 @@ Three variants of one training step on CIFAR-shaped random input, float32:
          (the usual way to get what the tracker needs).
 Time: the variants run interleaved (order rotated every repeat) in one process; we print the median
 and the minimum over repeats, their ratios to the plain step, and the median of the per-repeat ratios
-("paired", the most robust on a shared machine).
+("paired", robust to load drift). On CPU also the process CPU time, which other processes on a
+shared machine disturb far less than wall-clock time.
 Memory: each variant runs in a fresh subprocess. On CPU it reports the growth of the peak resident set
 size (VmHWM) over the process after setup (model, data, optimiser built), across three steps, i.e.
 the step's own peak memory; on CUDA, max_memory_allocated above what was allocated before the steps.
@@ -81,21 +82,38 @@ def sync(args):
         torch.cuda.synchronize()
 
 
-def time_all(args) -> dict[str, list[float]]:
+def time_all(args) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall-clock and process CPU times of every repeat of every variant."""
     fns = setup(args)
     for _ in range(args.warmup):
         for v in VARIANTS:
             fns[v]()
-    times = {v: [] for v in VARIANTS}
+    wall = {v: [] for v in VARIANTS}
+    cpu = {v: [] for v in VARIANTS}
     for r in range(args.repeats):
         order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
         for v in order:
             sync(args)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fns[v]()
             sync(args)
-            times[v].append(time.perf_counter() - t0)
-    return times
+            wall[v].append(time.perf_counter() - t0)
+            cpu[v].append(time.process_time() - c0)
+    return wall, cpu
+
+
+def report(title: str, times: dict[str, list[float]]) -> None:
+    med = {v: statistics.median(t) for v, t in times.items()}
+    mn = {v: min(t) for v, t in times.items()}
+    # ratio within each repeat (the variants ran back to back), then the median: robust to load drift
+    paired = {v: statistics.median(t / p for t, p in zip(times[v], times["plain"])) for v in VARIANTS}
+    print(f"{title}:")
+    print(f"  {'variant':8s} {'median ms':>10s} {'min ms':>8s} {'x plain: median':>16s} {'min':>6s} {'paired':>7s}")
+    for v in VARIANTS:
+        print(
+            f"  {v:8s} {1e3 * med[v]:10.1f} {1e3 * mn[v]:8.1f} {med[v] / med['plain']:16.3f} "
+            f"{mn[v] / mn['plain']:6.3f} {paired[v]:7.3f}"
+        )
 
 
 def peak_rss_kib() -> int:
@@ -154,17 +172,10 @@ def main():
         f"ConvNet (Table 4.1), batch {args.batch}, float32, device {args.device}, "
         f"{torch.get_num_threads()} threads, split={args.split}, {args.repeats} interleaved repeats"
     )
-    times = time_all(args)
-    med = {v: statistics.median(t) for v, t in times.items()}
-    mn = {v: min(t) for v, t in times.items()}
-    # ratio within each repeat (the variants ran back to back), then the median: robust to load drift
-    paired = {v: statistics.median(t / p for t, p in zip(times[v], times["plain"])) for v in VARIANTS}
-    print(f"{'variant':8s} {'median ms':>10s} {'min ms':>8s} {'x plain: median':>16s} {'min':>6s} {'paired':>7s}")
-    for v in VARIANTS:
-        print(
-            f"{v:8s} {1e3 * med[v]:10.1f} {1e3 * mn[v]:8.1f} {med[v] / med['plain']:16.3f} "
-            f"{mn[v] / mn['plain']:6.3f} {paired[v]:7.3f}"
-        )
+    wall, cpu = time_all(args)
+    report("wall-clock time", wall)
+    if args.device == "cpu":  # what this process computed, whatever else the machine's cores were doing
+        report("process CPU time (user + system, all threads)", cpu)
 
     if args.no_memory:
         return

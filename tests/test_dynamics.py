@@ -145,8 +145,12 @@ def test_geometry_of_float32_weights_and_warm_start():
         geo = opnorm_geometry(w)
         assert rel(float(geo.s1), float(ref.S[0])) <= 1e-14
         assert torch.allclose(torch.outer(geo.u1, geo.v1), torch.outer(ref.U[:, 0], ref.Vh[0]), atol=1e-13)
-        warm = opnorm_geometry(w, start=geo.q1)
-        assert torch.allclose(warm.u1, geo.u1, atol=1e-14) and torch.allclose(warm.v1, geo.v1, atol=1e-14)
+        moved = w + 1e-3 * torch.randn(m, n, generator=g)  # warm start from the previous step's vector
+        ref = torch.linalg.svd(moved.double())
+        for start in (geo.q1, torch.linalg.svd(w.double()).Vh[-1] if m > n else ref.U[:, -1]):  # good, bad start
+            warm = opnorm_geometry(moved, start=start)
+            assert rel(float(warm.s1), float(ref.S[0])) <= 1e-14
+            assert torch.allclose(torch.outer(warm.u1, warm.v1), torch.outer(ref.U[:, 0], ref.Vh[0]), atol=1e-13)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +221,27 @@ def test_conv_b_projection_both_routes(conv):
         got = conv_b_projection(x, du, geo, cache, method=method)
         assert torch.allclose(got, ref, rtol=0, atol=1e-12), method
     assert len(cache) == 1
+
+
+def test_later_steps_warm_started_match_brute_force():
+    """From the second step on, the top vectors are warm-started from the previous step's."""
+    torch.manual_seed(0)
+    for model, shape in [(mlp(), (6,)), (cnn(), (2, 9, 9))]:
+        lr = 0.05
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        tracker = DynamicsTracker(model, lr, optimizer=opt)
+        for step in range(3):
+            x, y = data(shape, seed=step)
+            grads = per_sample_grads(model, x, y)
+            before = {name: mod.weight.detach().clone() for name, mod in weight_layers(model)}
+            tracker.begin()
+            opt.zero_grad()
+            ce(model(x), y).mean().backward()
+            opt.step()
+            got = tracker.end()
+        tracker.close()
+        for name, mod in weight_layers(model):
+            assert_terms(got[name], brute(before[name], grads[name], lr), label=name)
 
 
 def test_projections_equal_exact_per_sample_gradients():
