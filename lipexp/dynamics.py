@@ -445,7 +445,7 @@ class DynamicsTracker:
         if optimizer is not None and not sigma1_only:
             self._check_optimizer()
         self.armed = False
-        self.last_projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         if not sigma1_only:
             for layer in self.layers:
                 layer.handles.append(layer.module.register_forward_hook(self._forward_hook(layer), with_kwargs=True))
@@ -540,7 +540,7 @@ class DynamicsTracker:
         lr = self._step_lr()
         self._verify_grads()
         names, rows = [], []
-        self.last_projections = {}
+        self._last = {}
         with torch.no_grad(), _cpu_threads(self.linalg_threads):
             for layer in self.layers:
                 if layer.expect_grad and layer.a is None:
@@ -560,6 +560,10 @@ class DynamicsTracker:
             layer.clear_step()
             layer.snapshot = None
         return {name: dict(zip(keys, vals)) for name, vals in zip(names, values)}
+
+    def last_projections(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-sample ``(a, b)`` = ``(G_i v1, G_i^T u1)`` rows (M x m, M x n) of the last step, by layer."""
+        return {name: (a * scale, b * scale) for name, (a, b, scale) in self._last.items()}
 
     def _verify_grads(self) -> None:
         checked = [layer for layer in self.layers if layer.grad_check is not None]
@@ -734,22 +738,20 @@ class DynamicsTracker:
         if layer.a is None:  # not used by this forward: no per-sample gradient, only the deterministic drift
             out = [s1, mu, zero + noise_kap, zero + noise_lam]
             return out + ([zero + noise_kap, zero, zero + noise_lam, zero] if self.split else [])
-        scale = float(layer.a.shape[0]) if self.reduction == "mean" else 1.0
-        a, b = layer.a * scale, layer.b * scale
-        self.last_projections[layer.name] = (a, b)
+        a, b = layer.a, layer.b  # at the scale of the reduced loss: per-sample = scale * these
         mb = a.shape[0]
-        coef = gs2 / (mb * (mb - 1))  # c of thesis Prop. 4.4.1, times the gradient scaling
+        scale = float(mb) if self.reduction == "mean" else 1.0
+        self._last[layer.name] = (a, b, scale)
+        # c of thesis Prop. 4.4.1, times the gradient scaling; every sum below is quadratic in (a, b)
+        coef = gs2 * scale**2 / (mb * (mb - 1))
         ac, bc = a - a.mean(0), b - b.mean(0)
-        wbc = None
-        if layer.wb is not None:
-            wb = layer.wb * scale
-            wbc = wb - wb.mean(0)
+        wbc = None if layer.wb is None else layer.wb - layer.wb.mean(0)
         q = hessian_quadratic_sum(geo, ac, bc, wbc)
         lam = lr / s1**2 * coef * ((ac @ layer.u1).double() ** 2).sum() + noise_lam
         kap = lr / (2 * s1) * coef * q + noise_kap
         out = [s1, mu, kap, lam]
         if self.split:
-            d = (layer.sumsq - layer.gsum * layer.gsum / mb).double() * scale**2  # sum_i (G_i - mean G)^2
+            d = (layer.sumsq - layer.gsum * layer.gsum / mb).double()  # sum_i (G_i - mean G)^2 / scale^2
             lam_var = lr / s1**2 * coef * ((u1 * u1) @ d @ (v1 * v1)) + noise_lam
             kap_var = lr / (2 * s1) * coef * hessian_diagonal_dot(geo, d) + noise_kap
             out += [kap_var, kap - kap_var, lam_var, lam - lam_var]

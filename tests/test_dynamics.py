@@ -258,7 +258,7 @@ def test_projections_equal_exact_per_sample_gradients():
             svd = torch.linalg.svd(mod.weight.detach().reshape(mod.weight.shape[0], -1))
             sign = torch.sign(svd.U[:, 0] @ tr.layers[[l.name for l in tr.layers].index(name)].geo.u1)
             u1, v1 = sign * svd.U[:, 0], sign * svd.Vh[0]
-            a, b = tr.last_projections[name]
+            a, b = tr.last_projections()[name]
             assert torch.allclose(a, g @ v1, rtol=0, atol=1e-12 * float(g.abs().max())), name
             assert torch.allclose(b, g.transpose(1, 2) @ u1, rtol=0, atol=1e-12 * float(g.abs().max())), name
         tr.close()
