@@ -18,7 +18,23 @@ all in float64 from the smaller Gram matrix. The optional variance/covariance sp
 uses ``diag(Sigma)`` against ``diag(H)`` in closed form; for convolutions (and Linear layers applied to
 sequences) it forms per-sample gradients, a chunk of samples at a time.
 
-Cost (ConvNet of thesis Table 4.1, batch 256, one CPU thread): about 1.1-1.3x a plain SGD step, peak
+A training loop with the tracker (one metrics row per step)::
+
+    tracker = DynamicsTracker(model, lr, optimizer=opt)          # split=True for Fig. 4.3's var/cov parts
+    integ = KIntegrator(lr)
+    for step, (x, y) in enumerate(batches):
+        x_adv = attack(model, x, y)                                # optional: anything before begin()
+        tracker.begin()
+        opt.zero_grad()
+        losses = loss_fn(model(x_adv), y)                          # (M,) per-sample losses
+        losses.mean().backward()
+        opt.step()
+        terms = tracker.end()
+        row = {"step": step, "t": step * lr, "loss": losses.mean().item(), **integ.update(terms),
+               **term_columns(terms)}
+    tracker.close()
+
+Cost (ConvNet of thesis Table 4.1, batch 256, one CPU thread): about 1.15-1.25x a plain SGD step, peak
 memory about that of a plain step; see ``scripts/bench_tracker.py``.
 
 Per-sample gradient convention: ``G_i = sum_p delta_{i,p} x_{i,p}^T`` with ``delta`` the gradient of the
