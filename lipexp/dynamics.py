@@ -1,0 +1,884 @@
+"""Chapter 4 engine: drift, diffusion and noise-curvature of every weight matrix at each SGD step,
+and the predicted K(t) (theory.md §1-§3, thesis Theorems 4.6.5-4.6.8).
+
+Per step and per weight matrix W (m x n, Conv2d reshaped to out x in*kh*kw) with SVD
+``W = U diag(s) V^T`` and per-sample gradients ``G_i`` (i = 1..M):
+
+- ``sigma1 = s_1`` before the step;
+- ``mu = <u_1 v_1^T, dW> / (s_1 * lr)`` from the applied update ``dW`` (plain SGD: ``-u_1^T g v_1 / s_1``);
+- ``lambda2 = lr / s_1^2 * J^T Sigma J`` and ``kappa = lr / (2 s_1) * <H, Sigma>``, with
+  ``Sigma = grad_scale^2 * sum_i vec(G~_i) vec(G~_i)^T / (M (M-1)) + noise_var * I``, ``G~_i = G_i - mean G``,
+  J and H the gradient and Hessian of ``s_1`` (thesis Lemmas 4.6.2, 4.6.3).
+
+Nothing of size M*m*n is formed for these: hooks collect the per-sample projections ``a_i = G_i v_1``
+(length m) and ``b_i = G_i^T u_1`` (length n) from the forward/backward pass that makes the step
+(theory.md §2), and ``<H, G~ G~^T>`` needs only them and a Cholesky factor of
+``s_1^2 I - W W^T + s_1^2 u_1 u_1^T`` (see ``OpNormGeometry``): no singular vectors beyond the top pair,
+all in float64 from the smaller Gram matrix. The optional variance/covariance split (thesis Prop. 4.4.2)
+uses ``diag(Sigma)`` against ``diag(H)`` in closed form; for convolutions (and Linear layers applied to
+sequences) it forms per-sample gradients, a chunk of samples at a time.
+
+A training loop with the tracker (one metrics row per step)::
+
+    tracker = DynamicsTracker(model, lr, optimizer=opt)          # split=True for Fig. 4.3's var/cov parts
+    integ = KIntegrator(lr)
+    for step, (x, y) in enumerate(batches):
+        x_adv = attack(model, x, y)                                # optional: anything before begin()
+        tracker.begin()
+        opt.zero_grad()
+        losses = loss_fn(model(x_adv), y)                          # (M,) per-sample losses
+        losses.mean().backward()
+        opt.step()
+        terms = tracker.end()
+        row = {"step": step, "t": step * lr, "loss": losses.mean().item(), **integ.update(terms),
+               **term_columns(terms)}
+    tracker.close()
+
+Cost (ConvNet of thesis Table 4.1, batch 256, one CPU thread): about 1.15-1.25x a plain SGD step, peak
+memory about that of a plain step; see ``scripts/bench_tracker.py``.
+
+Per-sample gradient convention: ``G_i = sum_p delta_{i,p} x_{i,p}^T`` with ``delta`` the gradient of the
+*summed* loss with respect to the layer output (the loop may backprop the mean; the tracker rescales).
+Without batch coupling this is the exact gradient of sample i's loss. With BatchNorm in training mode
+(samples coupled through batch statistics) it is the definition used; ``sum_i G_i`` is still M times the
+batch gradient. Dropout masks, mixup, label smoothing or adversarial inputs: the per-sample terms are those
+of the very forward pass that produced the step. BatchNorm layers do not enter K(t) (theory.md §1).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipexp.layers import weight_layers
+
+__all__ = [
+    "DynamicsTracker",
+    "KIntegrator",
+    "integrate",
+    "step_terms",
+    "term_columns",
+    "network_sums",
+    "OpNormGeometry",
+    "opnorm_geometry",
+    "hessian_quadratic_sum",
+    "hessian_trace",
+    "hessian_diagonal_dot",
+    "conv_b_projection",
+]
+
+TERMS = ("sigma1", "mu", "kappa", "lambda2")
+SPLIT_TERMS = ("kappa_var", "kappa_cov", "lambda2_var", "lambda2_cov")
+
+
+# ----------------------------------------------------------------------------------------------
+# The operator norm's Jacobian and Hessian, without a full SVD
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class OpNormGeometry:
+    """What the Chapter 4 terms need of a weight matrix ``W`` (m x n), all float64.
+
+    Everything goes through the smaller side: ``wide = m <= n`` works with the k x k Gram ``W W^T``
+    (k = m) and the left vector ``q1 = u1``, otherwise with ``W^T W`` (k = n) and ``q1 = v1``. With
+    ``A = s1^2 I - Gram + s1^2 q1 q1^T`` (positive definite when s1 is simple; its eigenvalues are
+    ``s1^2 - s_i^2`` for i >= 2, with ``s_i = 0`` past the rank, and ``s1^2``), the Hessian of thesis
+    Lemma 4.6.3 has, for any G with ``a = G v1``, ``b = G^T u1`` projected off ``u1``, ``v1`` (``a'``, ``b'``):
+
+        q(G) = vec(G)^T H vec(G) = ( |L^-1 (s1 a' + W b')|^2 + |b'|^2 ) / s1     (wide; A = L L^T)
+
+    (the left, right and cross sums of Lemma 4.6.3 are ``s1 a'^T A^-1 a'``, ``(|b'|^2 + |L^-1 W b'|^2)/s1``
+    and ``2 a'^T A^-1 W b'``; for tall matrices swap the roles of a and b). So a Cholesky factor replaces
+    the singular vectors, and the index ranges of the Lemma (all m left and n right vectors) hold by
+    construction.
+    """
+
+    w: torch.Tensor  # m x n
+    wide: bool
+    s1: torch.Tensor  # 0-d
+    u1: torch.Tensor  # (m,)
+    v1: torch.Tensor  # (n,)
+    chol: torch.Tensor  # k x k lower Cholesky factor of A
+
+    @property
+    def q1(self) -> torch.Tensor:
+        return self.u1 if self.wide else self.v1
+
+    @property
+    def p1(self) -> torch.Tensor:
+        return self.v1 if self.wide else self.u1
+
+    @property
+    def w_small(self) -> torch.Tensor:
+        """W oriented as k x (larger size)."""
+        return self.w if self.wide else self.w.T
+
+
+class SpectrumError(ValueError):
+    """A weight whose top singular value is zero or repeated: the Chapter 4 terms are undefined."""
+
+
+def _top_eigvec(gram: torch.Tensor, shift: float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Inverse iteration on ``shift I - gram`` (shift just above the top eigenvalue) from ``x``; None if
+    the shift is not above it or ten steps do not converge to float64 accuracy."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    c, info = torch.linalg.cholesky_ex(shift * eye - gram)
+    if int(info) != 0:
+        return None
+    for _ in range(10):
+        x = torch.cholesky_solve(x[:, None], c)[:, 0]
+        x = x / x.norm()
+        gx = gram @ x
+        lam1 = x @ gx
+        if float((gx - lam1 * x).norm()) <= 1e-12 * float(lam1):  # converged: one more step to polish
+            x = torch.cholesky_solve(x[:, None], c)[:, 0]
+            x = x / x.norm()
+            return x, x @ gram @ x
+    return None
+
+
+def opnorm_geometry(w: torch.Tensor, start: torch.Tensor | None = None, name: str = "weight") -> OpNormGeometry:
+    """s1, (u1, v1) and the Cholesky factor of ``A`` for ``w`` (m x n; computed in float64).
+
+    The top eigenpair of the smaller Gram matrix comes from inverse iteration. With ``start`` (the
+    previous step's top vector: weights move little per step) the shift is its Rayleigh quotient plus
+    the residual norm. Otherwise, or if that fails, ``eigvalsh`` gives the spectrum, the check that s1
+    is simple, and a shift ``1e-12`` above the top eigenvalue. Raises ``SpectrumError`` (a ValueError) if ``w`` is
+    zero or its top singular value is repeated (thesis Assumption 4.6.1: the terms are then undefined).
+    """
+    wd = w.detach().to(torch.float64, copy=True)  # a copy even for float64: the step updates w in place
+    m, n = wd.shape
+    wide = m <= n
+    gram = wd @ wd.T if wide else wd.T @ wd
+    k = gram.shape[0]
+    top = None
+    if start is not None and start.shape == (k,):
+        x0 = start.to(torch.float64)
+        gx = gram @ x0
+        lam_r = float(x0 @ gx)
+        # some eigenvalue lies within |residual| of the Rayleigh quotient; near the old top vector it is s1^2
+        top = _top_eigvec(gram, lam_r + 1.01 * float((gx - lam_r * x0).norm()) + 1e-12 * lam_r, x0)
+    if top is None:
+        lam = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+        lam1 = float(lam[0])
+        if not lam1 > 0:
+            raise SpectrumError(f"{name} is zero: sigma_1 = 0, and the Chapter 4 terms divide by it")
+        if k > 1 and lam1 - float(lam[1]) <= 1e-12 * lam1:
+            raise SpectrumError(
+                f"{name} has a repeated top singular value (s1 = {lam1 ** 0.5:.6g}, s2 = {float(lam[1]) ** 0.5:.6g}); "
+                "the operator norm is then not differentiable (thesis Assumption 4.6.1) and kappa is undefined. "
+                "An orthogonal or identity initialisation does this: perturb the weights or use a random init."
+            )
+        gen = torch.Generator().manual_seed(0)
+        x0 = gram @ torch.randn(k, generator=gen, dtype=torch.float64).to(wd.device)
+        top = _top_eigvec(gram, lam1 * (1 + 1e-12), x0)
+        if top is None:  # s1 nearly repeated: inverse iteration converges slowly, do it fully
+            x = torch.linalg.eigh(gram)[1][:, -1]
+            top = x, x @ gram @ x
+    x, lam1_t = top
+    s1 = lam1_t.sqrt()
+    p = (wd.T @ x if wide else wd @ x) / s1
+    eye = torch.eye(k, dtype=torch.float64, device=wd.device)
+    chol, info = torch.linalg.cholesky_ex(lam1_t * eye - gram + lam1_t * torch.outer(x, x))
+    if int(info) != 0:  # A is singular: s2 = s1 to rounding
+        raise SpectrumError(f"{name} has a repeated top singular value (s1 = {float(s1):.6g}); kappa is undefined")
+    u1, v1 = (x, p) if wide else (p, x)
+    return OpNormGeometry(wd, wide, s1, u1, v1, chol)
+
+
+def hessian_quadratic_sum(
+    geo: OpNormGeometry, a: torch.Tensor, b: torch.Tensor, w_b: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum_i vec(G_i)^T H vec(G_i)`` from ``a`` (M x m, rows ``G_i v1``) and ``b`` (M x n, rows ``G_i^T u1``).
+
+    ``w_b`` (M x m, rows ``W b_i``) may be passed when known more cheaply than ``b @ W^T`` (a Linear
+    layer has it from its own output). Works in the dtype of ``a`` up to the float64 triangular solve.
+    """
+    dt = a.dtype
+    u1, v1, s1 = geo.u1.to(dt), geo.v1.to(dt), geo.s1
+    au, bv = a @ u1, b @ v1
+    a_perp = a - au[:, None] * u1
+    b_perp = b - bv[:, None] * v1
+    if geo.wide:
+        wb = (b_perp @ geo.w.T.to(dt)) if w_b is None else w_b - (s1.to(dt) * bv)[:, None] * u1
+        r, rest = s1.to(dt) * a_perp + wb, b_perp
+    else:
+        r, rest = s1.to(dt) * b_perp + a_perp @ geo.w.to(dt), a_perp
+    x = torch.linalg.solve_triangular(geo.chol, r.T.to(torch.float64), upper=False)
+    return ((x * x).sum() + (rest * rest).sum().to(torch.float64)) / s1
+
+
+def hessian_trace(geo: OpNormGeometry) -> torch.Tensor:
+    """``tr(H) = sum_{i=2..m} s1/(s1^2-s_i^2) + sum_{j=2..n} s1/(s1^2-s_j^2)`` (``s_i = 0`` past the rank).
+
+    On the small side ``sum_{i>=2} 1/(s1^2-s_i^2) = tr(A^-1) - 1/s1^2``; the larger side has the same
+    terms plus ``max(m, n) - k`` zero singular values.
+    """
+    m, n = geo.w.shape
+    k = geo.chol.shape[0]
+    eye = torch.eye(k, dtype=torch.float64, device=geo.chol.device)
+    l_inv = torch.linalg.solve_triangular(geo.chol, eye, upper=False)
+    small = geo.s1 * ((l_inv * l_inv).sum() - 1.0 / geo.s1**2)
+    return 2.0 * small + (max(m, n) - k) / geo.s1
+
+
+def hessian_diagonal_dot(geo: OpNormGeometry, d: torch.Tensor) -> torch.Tensor:
+    """``sum_{ab} diag(H)_{ab} D_{ab}`` for an m x n matrix ``D``, ``diag(H)`` in closed form.
+
+    On the small side (wide case), ``diag(H)_{ab} = alpha_a v1_b^2 + u1_a^2 beta_b + 2 u1_a v1_b C_ab``
+    with ``alpha = s1 diag(A^-1) - u1^2/s1``, ``beta = (1 + diag(W^T A^-1 W) - 2 v1^2)/s1`` and
+    ``C = A^-1 W - u1 v1^T / s1`` (the matrix ``sum_{k>=2} s_k/(s1^2-s_k^2) u_k v_k^T``).
+    """
+    w = geo.w_small
+    d = (d if geo.wide else d.T).to(torch.float64)
+    q1, p1, s1 = geo.q1, geo.p1, geo.s1
+    a_inv = torch.cholesky_inverse(geo.chol)
+    t = torch.linalg.solve_triangular(geo.chol, w, upper=False)
+    alpha = s1 * torch.diagonal(a_inv) - q1 * q1 / s1
+    beta = (1.0 + (t * t).sum(0) - 2.0 * p1 * p1) / s1
+    cross = a_inv @ w - torch.outer(q1, p1) / s1
+    return alpha @ d @ (p1 * p1) + (q1 * q1) @ d @ beta + 2.0 * (q1 @ (cross * d) @ p1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-layer state and the hook computations
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _ConvGeom:
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pad: tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
+
+
+def _conv_geometry(name: str, mod: nn.Conv2d) -> _ConvGeom:
+    if mod.groups != 1:
+        raise ValueError(
+            f"layer '{name}' is a grouped Conv2d (groups={mod.groups}); its weight matrix is not the operator "
+            "of the layer and the tracker does not support it"
+        )
+    if mod.padding_mode != "zeros":
+        raise ValueError(
+            f"layer '{name}' uses padding_mode='{mod.padding_mode}'; the tracker supports zero padding only"
+        )
+    kh, kw = mod.kernel_size
+    dh, dw = mod.dilation
+    if isinstance(mod.padding, str):
+        if mod.padding == "valid":
+            ph, pw = (0, 0), (0, 0)
+        else:  # 'same' (stride 1): PyTorch puts the odd extra pixel on the bottom/right
+            th, tw = dh * (kh - 1), dw * (kw - 1)
+            ph, pw = (th // 2, th - th // 2), (tw // 2, tw - tw // 2)
+    else:
+        ph, pw = (mod.padding[0],) * 2, (mod.padding[1],) * 2
+    return _ConvGeom((kh, kw), tuple(mod.stride), (dh, dw), (pw[0], pw[1], ph[0], ph[1]))
+
+
+def conv_b_projection(
+    x: torch.Tensor, du: torch.Tensor, geo: _ConvGeom, cache: dict | None = None, method: str = "auto"
+) -> torch.Tensor:
+    """``b_i = G_i^T u1 = sum_p x_{i,p} du_{i,p}`` (M x C*kh*kw) for a Conv2d, from its input ``x``
+    (M x C x H x W) and ``du`` (M x Ho x Wo, ``u1 . delta`` at every output position).
+
+    It is the weight gradient of a one-output-channel convolution, per sample. Two exact routes:
+    ``"grouped"``: every (sample, channel) pair is its own group, correlated with the sample's ``du`` as
+    kernel, dilated by the stride (theory.md §2); cheap for few input channels. ``"scatter"``: scatter
+    ``du`` into a (M, kh*kw, H*W) matrix D (entry (k, q) holds du at the output position that reads input
+    pixel q through kernel tap k; taps landing in the zero padding are dropped), then one batched
+    product ``D x_i^T``; no padded copy of x, and it wins once C >= kh*kw. ``"auto"`` picks by that rule.
+    """
+    mb, c, h, w = x.shape
+    ho, wo = du.shape[1:]
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.stride, geo.dilation
+    pl, pr, pt, pb = geo.pad
+    if method == "auto":
+        method = "scatter" if c >= kh * kw else "grouped"
+    if method == "scatter":
+        key = (h, w, ho, wo, du.device)
+        if cache is None or key not in cache:
+            ki, kj = (t.reshape(-1, 1) for t in torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij"))
+            oh, ow = (t.reshape(1, -1) for t in torch.meshgrid(torch.arange(ho), torch.arange(wo), indexing="ij"))
+            r, q = sh * oh + dh * ki - pt, sw * ow + dw * kj - pl  # input pixel read by tap k at output p
+            valid = (r >= 0) & (r < h) & (q >= 0) & (q < w)
+            tgt = (torch.arange(kh * kw).reshape(-1, 1) * (h * w) + r * w + q)[valid]
+            src = torch.arange(ho * wo).expand(kh * kw, -1)[valid]
+            entry = (tgt.to(du.device), src.to(du.device))
+            if cache is not None:
+                cache[key] = entry
+        else:
+            entry = cache[key]
+        tgt, src = entry
+        d = du.new_zeros(mb, kh * kw * h * w)
+        d.index_copy_(1, tgt, du.reshape(mb, -1).index_select(1, src))
+        out = torch.matmul(d.view(mb, kh * kw, h * w), x.reshape(mb, c, h * w).transpose(1, 2))  # (M, K, C)
+        return out.transpose(1, 2).reshape(mb, c * kh * kw)
+    kern = du.view(mb, 1, ho, wo).expand(mb, c, ho, wo).reshape(mb * c, 1, ho, wo)
+    if pl == pr and pt == pb:  # symmetric: let the convolution pad (no copy), drop unreached offsets
+        out = F.conv2d(x.reshape(1, mb * c, h, w), kern, dilation=(sh, sw), padding=(pt, pl), groups=mb * c)
+        out = out[..., : dh * (kh - 1) + 1, : dw * (kw - 1) + 1]
+    else:  # pad, and crop what the strided windows never reach, in one copy (negative pads crop)
+        hneed, wneed = sh * (ho - 1) + dh * (kh - 1) + 1, sw * (wo - 1) + dw * (kw - 1) + 1
+        xp = F.pad(x, (pl, pr - (w + pl + pr - wneed), pt, pb - (h + pt + pb - hneed)))
+        out = F.conv2d(xp.view(1, mb * c, hneed, wneed), kern, dilation=(sh, sw), groups=mb * c)
+    if dh > 1 or dw > 1:
+        out = out[..., ::dh, ::dw]
+    return out.reshape(mb, c * kh * kw)
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    param: nn.Parameter
+    geom: _ConvGeom | None  # None for Linear
+    # set by begin()
+    geo: OpNormGeometry | None = None
+    s1: torch.Tensor | None = None  # 0-d float64
+    u1: torch.Tensor | None = None  # (m,) model dtype
+    v1: torch.Tensor | None = None  # (n,) model dtype
+    snapshot: torch.Tensor | None = None
+    # per step, from the hooks
+    called: bool = False
+    expect_grad: bool = False
+    x: torch.Tensor | None = None
+    x_version: int = 0
+    z: torch.Tensor | None = None  # x_{i,p} . v1, (M, P)
+    a: torch.Tensor | None = None  # (M, m), reduced-loss scale
+    b: torch.Tensor | None = None  # (M, n)
+    wx: torch.Tensor | None = None  # Linear only: W x (the output without bias), (M, *, m)
+    wb: torch.Tensor | None = None  # Linear only: rows W b_i, (M, m)
+    sumsq: torch.Tensor | None = None  # split only: sum_i G_i^2 (m, n)
+    gsum: torch.Tensor | None = None  # split only: sum_i G_i (m, n)
+    grad_checked: bool = False
+    grad_check: torch.Tensor | None = None  # (|grad v1 - sum_i a_i|, sum_i |a_i|)
+    handles: list = field(default_factory=list)
+    index_cache: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.param.shape[0], self.param[0].numel()
+
+    def clear_step(self) -> None:
+        self.called, self.expect_grad = False, False
+        self.x, self.z, self.a, self.b, self.wx, self.wb = (None,) * 6
+        self.sumsq, self.gsum, self.grad_checked, self.grad_check = None, None, False, None
+
+
+@contextmanager
+def _cpu_threads(n: int | None):
+    """Run the block with ``n`` intra-op CPU threads (None: leave torch's setting)."""
+    old = torch.get_num_threads()
+    if n is None or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _chunk(budget: int, per_sample: int, total: int) -> int:
+    return max(1, min(total, budget // max(per_sample, 1)))
+
+
+class DynamicsTracker:
+    """Per-step sigma1, mu, kappa, lambda2 of every Linear/Conv2d weight of ``model``.
+
+    Usage per training step (the loop backprops the *mean* of per-sample losses, or the sum with
+    ``reduction='sum'``)::
+
+        tracker.begin()                      # spectral data of the weights, snapshot, hooks armed
+        losses = loss_fn(model(x), y)        # (M,) per-sample losses, ONE forward with grad
+        losses.mean().backward()
+        optimizer.step()                     # or any manual update (weight decay, scaling, noise)
+        terms = tracker.end()                # {param name: {sigma1, mu, kappa, lambda2[, *_var, *_cov]}}
+
+    Hooks capture only between ``begin()`` and ``end()``: work done before ``begin()`` (an FGSM attack's
+    forward/backward) is not seen, and forwards under ``torch.no_grad()`` are ignored. A second
+    forward with grad through a layer inside one step is an error.
+
+    - ``lr``: the step size (``dt``); update ``tracker.lr`` if it changes.
+    - ``split``: also the variance (diag Sigma) / covariance (off-diagonal) parts of kappa, lambda2.
+    - ``grad_scale``: the loop multiplies the batch gradient by this after backward (thesis Fig. 4.6's
+      ``sqrt(rho)``), so the per-sample noise covariance is scaled by its square; the drift comes from the
+      applied update. A factor put on the loss before backward needs nothing: the hooks see it.
+    - ``noise_var``: per-coordinate variance of isotropic noise the loop adds to the batch gradient
+      (``(1-rho)`` for N(0,1), ``(1-rho)/12`` for U[-0.5, 0.5]); adds ``lr*noise_var/s1^2`` to lambda2 and
+      ``lr/(2 s1) noise_var tr(H)`` to kappa (counted in the variance part: the noise is diagonal).
+    - ``optimizer``: if given, it must be plain SGD (no momentum, nesterov or maximize; weight decay is
+      fine): the SDE of the thesis models that update. Other optimisers raise unless ``sigma1_only``.
+      Without it the tracker trusts that the update is ``-lr * (grad_scale * grad + noise)`` plus
+      deterministic terms.
+    - ``sigma1_only``: track ``sigma1`` alone (no hooks), for any optimiser.
+    - ``check_grad``: check (in ``end()``) that each weight's ``.grad`` after backward is the sum of what its
+      module's hooks saw (catches tied weights, weights used outside their module, gradients not
+      zeroed, a second backward). Turn off if the loss deliberately adds terms on the weights (an L2
+      penalty in the loss; the applied-update drift still handles it exactly).
+    - ``chunk_elems``: memory budget (elements) of a chunk of per-sample gradients in the split.
+    - ``linalg_threads``: CPU threads for the small float64 linear algebra of ``begin()``/``end()``
+      (Gram matrices, ``eigvalsh``, Cholesky of at most a few hundred rows). One by default: threads
+      buy little there, and on an oversubscribed machine OpenMP's waiting made these calls 5-7x slower
+      in our measurements. ``None`` keeps torch's setting. The hooks always use torch's setting.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        split: bool = False,
+        grad_scale: float = 1.0,
+        noise_var: float = 0.0,
+        optimizer: torch.optim.Optimizer | None = None,
+        sigma1_only: bool = False,
+        reduction: str = "mean",
+        check_grad: bool = True,
+        chunk_elems: int = 1 << 22,
+        linalg_threads: int | None = 1,
+    ):
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"reduction must be 'mean' or 'sum' (how the loop reduces per-sample losses), got {reduction!r}"
+            )
+        if noise_var < 0:
+            raise ValueError(f"noise_var is a variance and must be >= 0, got {noise_var}")
+        if sigma1_only and (split or noise_var or grad_scale != 1.0):
+            raise ValueError("sigma1_only=True tracks sigma1 alone; split, grad_scale and noise_var do not apply")
+        self.model, self.lr, self.split = model, float(lr), split
+        self.grad_scale, self.noise_var = float(grad_scale), float(noise_var)
+        self.optimizer, self.sigma1_only, self.reduction = optimizer, sigma1_only, reduction
+        self.check_grad, self.chunk_elems, self.linalg_threads = check_grad, chunk_elems, linalg_threads
+        self.layers = [self._make_layer(name, mod) for name, mod in weight_layers(model)]
+        if not self.layers:
+            raise ValueError("model has no nn.Linear / nn.Conv2d weight to track")
+        if optimizer is not None and not sigma1_only:
+            self._check_optimizer()
+        self.armed = False
+        self._last: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        if not sigma1_only:
+            for layer in self.layers:
+                layer.handles.append(layer.module.register_forward_hook(self._forward_hook(layer), with_kwargs=True))
+                if layer.param.requires_grad:  # a frozen weight gets no gradient to check
+                    layer.handles.append(layer.param.register_post_accumulate_grad_hook(self._param_hook(layer)))
+
+    # -- setup -----------------------------------------------------------------------------------
+    @staticmethod
+    def _make_layer(name: str, mod: nn.Module) -> _Layer:
+        base = nn.Conv2d if isinstance(mod, nn.Conv2d) else nn.Linear
+        if type(mod).forward is not base.forward:
+            raise ValueError(
+                f"layer '{name}' ({type(mod).__name__}) overrides the forward of nn.{base.__name__}; the tracker "
+                "cannot know how its weight is used"
+            )
+        geom = _conv_geometry(name, mod) if base is nn.Conv2d else None
+        return _Layer(name, mod, mod.weight, geom)
+
+    def _check_optimizer(self) -> None:
+        opt = self.optimizer
+        if type(opt) is not torch.optim.SGD:
+            raise ValueError(
+                f"the Chapter 4 prediction models plain SGD; got {type(opt).__name__}. Use torch.optim.SGD without "
+                "momentum, or DynamicsTracker(..., sigma1_only=True) to track sigma1 alone"
+            )
+        tracked = {id(layer.param) for layer in self.layers}
+        for group in opt.param_groups:
+            if not any(id(p) in tracked for p in group["params"]):
+                continue
+            bad = [k for k in ("momentum",) if group.get(k, 0)]
+            bad += [k for k in ("nesterov", "maximize") if group.get(k, False)]
+            if bad:
+                raise ValueError(
+                    f"the Chapter 4 prediction models plain SGD; this SGD has {', '.join(bad)} set "
+                    f"({ {k: group[k] for k in bad} }). Use momentum=0, or sigma1_only=True"
+                )
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for layer in self.layers:
+            for h in layer.handles:
+                h.remove()
+            layer.handles.clear()
+            layer.clear_step()
+        self.armed = False
+
+    def __enter__(self) -> "DynamicsTracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- per step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def begin(self) -> None:
+        """Spectral data and snapshot of every weight; arm the hooks for one forward/backward."""
+        if self.armed:
+            raise RuntimeError("begin() called twice without end(); call abort() to drop a failed step")
+        with _cpu_threads(self.linalg_threads):
+            self._begin()
+        self.armed = True
+
+    def _begin(self) -> None:
+        for layer in self.layers:
+            layer.clear_step()
+            w = layer.param.detach().reshape(layer.shape)
+            if self.sigma1_only:
+                g = w.to(torch.float64)
+                g = g @ g.T if g.shape[0] <= g.shape[1] else g.T @ g
+                layer.s1 = torch.linalg.eigvalsh(g)[-1].clamp_min(0).sqrt()
+                continue
+            start = layer.geo.q1 if layer.geo is not None else None  # weights move little per step
+            layer.geo = opnorm_geometry(w, start, f"weight '{layer.name}'")
+            layer.s1 = layer.geo.s1
+            layer.u1, layer.v1 = layer.geo.u1.to(w.dtype), layer.geo.v1.to(w.dtype)
+            layer.snapshot = w.clone()
+
+    def abort(self) -> None:
+        """Disarm after a failed step (exception between begin() and end())."""
+        for layer in self.layers:
+            layer.clear_step()
+        self.armed = False
+
+    def end(self, updates: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+        """Terms of the step just taken. ``updates`` (name -> dW) replaces ``W_now - W_before``."""
+        if not self.armed:
+            raise RuntimeError("end() called without begin()")
+        self.armed = False
+        if self.sigma1_only:
+            values = torch.stack([layer.s1 for layer in self.layers]).tolist()
+            return {layer.name: {"sigma1": v} for layer, v in zip(self.layers, values)}
+        lr = self._step_lr()
+        self._verify_grads()
+        names, rows = [], []
+        self._last = {}
+        with torch.no_grad(), _cpu_threads(self.linalg_threads):
+            for layer in self.layers:
+                if layer.expect_grad and layer.a is None:
+                    raise RuntimeError(
+                        f"layer '{layer.name}' ran forward but received no gradient: call backward() between "
+                        "the forward and end()"
+                    )
+                if updates is not None:
+                    dw = updates[layer.name]
+                else:
+                    dw = layer.param.detach() - layer.snapshot.view_as(layer.param)
+                names.append(layer.name)
+                rows.append(self._layer_terms(layer, dw.reshape(layer.shape), lr))
+            values = torch.stack([torch.stack(r) for r in rows]).tolist()  # one device sync
+        keys = TERMS + (SPLIT_TERMS if self.split else ())
+        for layer in self.layers:
+            layer.clear_step()
+            layer.snapshot = None
+        return {name: dict(zip(keys, vals)) for name, vals in zip(names, values)}
+
+    def last_projections(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-sample ``(a, b)`` = ``(G_i v1, G_i^T u1)`` rows (M x m, M x n) of the last step, by layer."""
+        return {name: (a * scale, b * scale) for name, (a, b, scale) in self._last.items()}
+
+    def _verify_grads(self) -> None:
+        checked = [layer for layer in self.layers if layer.grad_check is not None]
+        if not checked:
+            return
+        for layer, (err, scale) in zip(checked, torch.stack([c.grad_check for c in checked]).tolist()):
+            if not err <= 1e4 * torch.finfo(layer.a.dtype).eps * scale + 1e-30:
+                raise RuntimeError(
+                    f"the .grad of weight '{layer.name}' differs from the sum of the per-sample gradients its "
+                    f"module's hooks saw (|diff . v1| = {err:.3g}, scale {scale:.3g}). Causes: the weight is also "
+                    "used outside its module (tied weights), .grad was not zeroed before the step, "
+                    "gradients are accumulated over several backward passes, or the loss adds a term on the "
+                    "weights (an L2 penalty: fine for the tracker, pass check_grad=False)"
+                )
+
+    def _step_lr(self) -> float:
+        if self.optimizer is not None:
+            tracked = {id(layer.param) for layer in self.layers}
+            for group in self.optimizer.param_groups:
+                if any(id(p) in tracked for p in group["params"]) and group["lr"] != self.lr:
+                    raise ValueError(
+                        f"optimizer lr {group['lr']} differs from tracker lr {self.lr}; set tracker.lr when the "
+                        "learning rate changes"
+                    )
+        return self.lr
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _forward_hook(self, layer: _Layer) -> Callable:
+        def hook(module, args, kwargs, output):
+            if not self.armed or not torch.is_grad_enabled():
+                return None
+            if layer.called:
+                raise RuntimeError(
+                    f"layer '{layer.name}' was called twice with grad inside one tracked step (a second forward "
+                    "between begin() and end(), or a layer reused in the network); the per-sample terms need "
+                    "exactly one. Run extra forwards (e.g. an adversarial attack) before begin() or under no_grad"
+                )
+            layer.called = True
+            if not (output.requires_grad and layer.param.requires_grad):
+                return None  # a frozen weight does not move: no noise terms
+            if output.dtype != layer.param.dtype:
+                raise ValueError(
+                    f"layer '{layer.name}' computed in {output.dtype} with {layer.param.dtype} weights (autocast?); "
+                    "the tracker needs the forward in the weights' dtype"
+                )
+            x = args[0] if args else kwargs["input"]
+            if x.dim() < 2 or x.shape[0] < 2 or (layer.geom is not None and x.dim() != 4):
+                raise ValueError(
+                    f"layer '{layer.name}' got input of shape {tuple(x.shape)}; the tracker needs a batch of at "
+                    "least 2 samples along dim 0 (N x C x H x W for Conv2d)"
+                )
+            with torch.no_grad():
+                layer.x, layer.x_version = x.detach(), x._version
+                if layer.geom is None:
+                    layer.z = layer.x @ layer.v1  # (M, *)
+                    wx = output.detach()
+                    layer.wx = wx - module.bias.detach() if module.bias is not None else wx.clone()
+                else:
+                    # x_{i,p} . v1 = u1 . (W x_{i,p}) / s1, since v1 = W^T u1 / s1: read off the layer's own
+                    # output instead of a 1-output-channel convolution (a pass over y, no conv)
+                    y = output.detach()
+                    mb, c = y.shape[:2]
+                    z = torch.matmul(layer.u1, y.reshape(mb, c, -1))  # (M, P)
+                    if module.bias is not None:
+                        z = z - layer.u1 @ module.bias.detach()
+                    layer.z = z / layer.s1.to(z.dtype)
+            output.register_hook(self._grad_hook(layer))
+            layer.expect_grad = True
+            return None
+
+        return hook
+
+    def _grad_hook(self, layer: _Layer) -> Callable:
+        def hook(grad):
+            if not self.armed:
+                return None
+            if layer.a is not None:
+                raise RuntimeError(
+                    f"layer '{layer.name}' received a second gradient in one tracked step (backward run twice?)"
+                )
+            if layer.x._version != layer.x_version:
+                raise RuntimeError(f"the input of layer '{layer.name}' was modified in place after its forward")
+            with torch.no_grad():
+                if layer.geom is None:
+                    self._linear_projections(layer, grad)
+                else:
+                    self._conv_projections(layer, grad)
+            layer.x, layer.z = None, None
+            return None
+
+        return hook
+
+    def _param_hook(self, layer: _Layer) -> Callable:
+        def hook(param):
+            if not self.armed or not self.check_grad:
+                return None
+            if layer.a is None:
+                raise RuntimeError(
+                    f"weight '{layer.name}' received a gradient that did not come through its "
+                    f"{type(layer.module).__name__} module inside the tracked step: the weight is used outside "
+                    "the module (tied or functional use), which the tracker cannot handle"
+                )
+            if layer.grad_checked:
+                raise RuntimeError(f"weight '{layer.name}' received a second gradient in one tracked step")
+            layer.grad_checked = True
+            with torch.no_grad():  # compared in end(), so that a GPU need not sync inside backward
+                got = param.grad.reshape(layer.shape) @ layer.v1
+                layer.grad_check = torch.stack([(got - layer.a.sum(0)).norm(), layer.a.norm(dim=1).sum()])
+            return None
+
+        return hook
+
+    def _linear_projections(self, layer: _Layer, grad: torch.Tensor) -> None:
+        m, n = layer.shape
+        mb = grad.shape[0]
+        delta = grad.reshape(mb, -1, m)  # (M, T, m), T = 1 for a plain batch
+        x = layer.x.reshape(mb, -1, n)
+        z = layer.z.reshape(mb, -1)
+        du = delta @ layer.u1  # (M, T)
+        layer.a = torch.einsum("mt,mtc->mc", z, delta)
+        layer.b = torch.einsum("mt,mtn->mn", du, x)
+        # W b_i = sum_t (W x_it) du_it: from the layer's own output, no M x n x m product
+        layer.wb = torch.einsum("mt,mtc->mc", du, layer.wx.reshape(mb, -1, m))
+        layer.wx = None
+        if not self.split:
+            return
+        if delta.shape[1] == 1:
+            d2, x2 = delta[:, 0], x[:, 0]
+            layer.sumsq = (d2 * d2).T @ (x2 * x2)
+            layer.gsum = d2.T @ x2
+        else:
+            layer.sumsq = torch.zeros(m, n, dtype=grad.dtype, device=grad.device)
+            layer.gsum = torch.zeros_like(layer.sumsq)
+            step = _chunk(self.chunk_elems, m * n, mb)
+            for i in range(0, mb, step):
+                g = delta[i : i + step].transpose(1, 2) @ x[i : i + step]  # per-sample (s, m, n)
+                layer.sumsq += (g * g).sum(0)
+                layer.gsum += g.sum(0)
+
+    def _conv_projections(self, layer: _Layer, grad: torch.Tensor) -> None:
+        geo = layer.geom
+        m, n = layer.shape
+        mb, _, ho, wo = grad.shape
+        x = layer.x
+        (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.stride, geo.dilation
+        delta = grad.reshape(mb, m, ho * wo)
+        # (M, m): sum_p delta_{i,p} z_{i,p}, as z^T delta^T (a bmm with a 1-column right operand is far slower)
+        layer.a = torch.matmul(layer.z.unsqueeze(1), delta.transpose(1, 2)).squeeze(1)
+        du = torch.matmul(layer.u1, delta)  # (M, P): u1 . delta_{i,p}
+        layer.b = conv_b_projection(x, du.view(mb, ho, wo), geo, layer.index_cache)
+        if not self.split:
+            return
+        layer.sumsq = torch.zeros(m, n, dtype=grad.dtype, device=grad.device)
+        layer.gsum = torch.zeros_like(layer.sumsq)
+        step = _chunk(self.chunk_elems, n * ho * wo + m * n, mb)
+        for i in range(0, mb, step):
+            xs = F.pad(x[i : i + step], geo.pad)
+            cols = F.unfold(xs, (kh, kw), dilation=(dh, dw), stride=(sh, sw))  # (s, n, P)
+            g = torch.bmm(delta[i : i + step], cols.transpose(1, 2))  # per-sample (s, m, n)
+            layer.sumsq += (g * g).sum(0)
+            layer.gsum += g.sum(0)
+
+    # -- the terms -------------------------------------------------------------------------------
+    def _layer_terms(self, layer: _Layer, dw: torch.Tensor, lr: float) -> list[torch.Tensor]:
+        geo = layer.geo
+        s1, u1, v1 = geo.s1, geo.u1, geo.v1
+        mu = (u1 @ (dw.to(torch.float64) @ v1)) / (s1 * lr)
+        gs2, nv = self.grad_scale**2, self.noise_var
+        zero = s1.new_zeros(())
+        noise_lam = lr * nv / s1**2
+        noise_kap = lr / (2 * s1) * nv * hessian_trace(geo) if nv else zero
+        if layer.a is None:  # not used by this forward: no per-sample gradient, only the deterministic drift
+            out = [s1, mu, zero + noise_kap, zero + noise_lam]
+            return out + ([zero + noise_kap, zero, zero + noise_lam, zero] if self.split else [])
+        a, b = layer.a, layer.b  # at the scale of the reduced loss: per-sample = scale * these
+        mb = a.shape[0]
+        scale = float(mb) if self.reduction == "mean" else 1.0
+        self._last[layer.name] = (a, b, scale)
+        # c of thesis Prop. 4.4.1, times the gradient scaling; every sum below is quadratic in (a, b)
+        coef = gs2 * scale**2 / (mb * (mb - 1))
+        ac, bc = a - a.mean(0), b - b.mean(0)
+        wbc = None if layer.wb is None else layer.wb - layer.wb.mean(0)
+        q = hessian_quadratic_sum(geo, ac, bc, wbc)
+        lam = lr / s1**2 * coef * ((ac @ layer.u1).double() ** 2).sum() + noise_lam
+        kap = lr / (2 * s1) * coef * q + noise_kap
+        out = [s1, mu, kap, lam]
+        if self.split:
+            d = (layer.sumsq - layer.gsum * layer.gsum / mb).double()  # sum_i (G_i - mean G)^2 / scale^2
+            lam_var = lr / s1**2 * coef * ((u1 * u1) @ d @ (v1 * v1)) + noise_lam
+            kap_var = lr / (2 * s1) * coef * hessian_diagonal_dot(geo, d) + noise_kap
+            out += [kap_var, kap - kap_var, lam_var, lam - lam_var]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# One-call API and the integrator
+# ----------------------------------------------------------------------------------------------
+def step_terms(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    split: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Terms of every weight matrix for the current parameters and a plain SGD step on (x, y).
+
+    ``loss_fn(outputs, targets)`` returns per-sample losses (M,). Fills ``.grad`` with the batch-mean
+    gradient; the parameters are not changed (the step enters only through ``dW = -lr * grad``).
+    """
+    for p in model.parameters():
+        p.grad = None
+    tracker = DynamicsTracker(model, lr, split=split)
+    try:
+        tracker.begin()
+        losses = loss_fn(model(x), y)
+        if losses.dim() != 1 or losses.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"loss_fn must return per-sample losses of shape ({x.shape[0]},) (reduction='none'), got "
+                f"{tuple(losses.shape)}"
+            )
+        losses.mean().backward()
+        updates = {
+            layer.name: -lr * (layer.param.grad if layer.param.grad is not None else torch.zeros_like(layer.param))
+            for layer in tracker.layers
+        }
+        return tracker.end(updates)
+    finally:
+        tracker.close()
+
+
+def network_sums(terms: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``mu_Z``, ``kappa_Z``, ``lambda2_Z`` (and ``*_Z_var``/``*_Z_cov`` when split): sums over layers."""
+    first = next(iter(terms.values()))
+    out = {}
+    for key in ("mu", "kappa", "lambda2"):
+        out[f"{key}_Z"] = sum(t[key] for t in terms.values())
+    for key in SPLIT_TERMS:
+        if key in first:
+            base, part = key.split("_")
+            out[f"{base}_Z_{part}"] = sum(t[key] for t in terms.values())
+    return out
+
+
+def term_columns(terms: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Flat per-layer columns ``'<term>/<param name>'``, e.g. ``'sigma1/0.weight'``."""
+    return {f"{key}/{name}": val for name, t in terms.items() for key, val in t.items()}
+
+
+class KIntegrator:
+    """Running path prediction and moments of K(t) (theory.md §3, thesis Theorems 4.6.7, 4.6.8).
+
+    ``update(terms)`` at step k returns the empirical ``K_emp = prod sigma1`` before the step, the
+    prediction for the same step from steps 0..k-1 (``K_pred``, ``EK_pred``, ``VarK_pred``), and this
+    step's network sums; then it advances by ``dt = lr``. ``k0`` defaults to the first ``K_emp``.
+    """
+
+    def __init__(self, lr: float, k0: float | None = None):
+        self.lr = float(lr)
+        self.z0 = None if k0 is None else math.log(k0)
+        self.z_pred = self.z0
+        self.drift = 0.0  # sum dt (mu_Z + kappa_Z)
+        self.var = 0.0  # sum dt lambda2_Z
+
+    def update(self, terms: dict[str, dict[str, float]], lr: float | None = None) -> dict[str, float]:
+        missing = [k for k in ("mu", "kappa", "lambda2") if k not in next(iter(terms.values()))]
+        if missing:
+            raise ValueError(f"terms lack {missing}: a sigma1_only tracker cannot drive the prediction")
+        dt = self.lr if lr is None else float(lr)
+        z_emp = sum(math.log(t["sigma1"]) for t in terms.values())
+        if self.z0 is None:
+            self.z0 = self.z_pred = z_emp
+        sums = network_sums(terms)
+        ek = math.exp(self.z0 + self.drift)
+        row = {
+            "K_emp": math.exp(z_emp),
+            "Z_emp": z_emp,
+            "K_pred": math.exp(self.z_pred),
+            "Z_pred": self.z_pred,
+            "EK_pred": ek,
+            "VarK_pred": ek * ek * math.expm1(self.var),
+            **sums,
+        }
+        self.z_pred += dt * (sums["mu_Z"] + sums["kappa_Z"] - 0.5 * sums["lambda2_Z"])
+        self.drift += dt * (sums["mu_Z"] + sums["kappa_Z"])
+        self.var += dt * sums["lambda2_Z"]
+        return row
+
+
+def integrate(
+    lr: float | Iterable[float], z0: float, mu_z: Iterable[float], kappa_z: Iterable[float], lambda2_z: Iterable[float]
+) -> dict[str, np.ndarray]:
+    """Vectorised ``KIntegrator``: arrays of ``Z_pred, K_pred, EK_pred, VarK_pred`` at steps 0..T-1."""
+    mu, ka, la = (np.asarray(v, dtype=np.float64) for v in (mu_z, kappa_z, lambda2_z))
+    dt = np.broadcast_to(np.asarray(lr, dtype=np.float64), mu.shape)
+
+    def before(v):  # sum over the steps strictly before each step
+        return np.concatenate([[0.0], np.cumsum(v)[:-1]])
+
+    z = z0 + before(dt * (mu + ka - 0.5 * la))
+    ek = np.exp(z0 + before(dt * (mu + ka)))
+    return {"Z_pred": z, "K_pred": np.exp(z), "EK_pred": ek, "VarK_pred": ek * ek * np.expm1(before(dt * la))}
