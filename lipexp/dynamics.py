@@ -461,6 +461,7 @@ class DynamicsTracker:
         if optimizer is not None and not sigma1_only:
             self._check_optimizer()
         self.armed = False
+        self._starts: dict[str, torch.Tensor] = {}
         self._last: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         if not sigma1_only:
             for layer in self.layers:
@@ -533,11 +534,19 @@ class DynamicsTracker:
                 g = g @ g.T if g.shape[0] <= g.shape[1] else g.T @ g
                 layer.s1 = torch.linalg.eigvalsh(g)[-1].clamp_min(0).sqrt()
                 continue
-            start = layer.geo.q1 if layer.geo is not None else None  # weights move little per step
+            # weights move little per step: start from the previous top vector (or a checkpoint's)
+            start = layer.geo.q1 if layer.geo is not None else self._starts.pop(layer.name, None)
             layer.geo = opnorm_geometry(w, start, f"weight '{layer.name}'")
             layer.s1 = layer.geo.s1
             layer.u1, layer.v1 = layer.geo.u1.to(w.dtype), layer.geo.v1.to(w.dtype)
             layer.snapshot = w.clone()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The warm-start vectors of the top eigenpairs, so that a resumed run repeats every bit."""
+        return {layer.name: layer.geo.q1.detach().cpu().clone() for layer in self.layers if layer.geo is not None}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._starts = {k: v.clone() for k, v in state.items()}
 
     def abort(self) -> None:
         """Disarm after a failed step (exception between begin() and end())."""
@@ -853,20 +862,30 @@ class KIntegrator:
         if self.z0 is None:
             self.z0 = self.z_pred = z_emp
         sums = network_sums(terms)
-        ek = math.exp(self.z0 + self.drift)
-        row = {
-            "K_emp": math.exp(z_emp),
-            "Z_emp": z_emp,
-            "K_pred": math.exp(self.z_pred),
-            "Z_pred": self.z_pred,
-            "EK_pred": ek,
-            "VarK_pred": ek * ek * math.expm1(self.var),
-            **sums,
-        }
+        row = {"K_emp": math.exp(z_emp), "Z_emp": z_emp, **self.prediction(), **sums}
         self.z_pred += dt * (sums["mu_Z"] + sums["kappa_Z"] - 0.5 * sums["lambda2_Z"])
         self.drift += dt * (sums["mu_Z"] + sums["kappa_Z"])
         self.var += dt * sums["lambda2_Z"]
         return row
+
+    def prediction(self) -> dict[str, float]:
+        """The prediction at the current time (after the steps integrated so far)."""
+        if self.z0 is None:
+            raise ValueError("no step integrated yet: call update() first")
+        ek = math.exp(self.z0 + self.drift)
+        return {
+            "K_pred": math.exp(self.z_pred),
+            "Z_pred": self.z_pred,
+            "EK_pred": ek,
+            "VarK_pred": ek * ek * math.expm1(self.var),
+        }
+
+    def state_dict(self) -> dict[str, float | None]:
+        """Everything needed to resume the integration exactly (saved in training checkpoints)."""
+        return {"lr": self.lr, "z0": self.z0, "z_pred": self.z_pred, "drift": self.drift, "var": self.var}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lr, self.z0, self.z_pred, self.drift, self.var = (state[k] for k in ("lr", "z0", "z_pred", "drift", "var"))
 
 
 def integrate(

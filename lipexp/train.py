@@ -205,6 +205,7 @@ def train(
         _set_rng_state(ckpt["rng"], gens)
         if integrator is not None:
             integrator.load_state_dict(ckpt["integrator"])
+            tracker.load_state_dict(ckpt["tracker"])
         start, snapshots, wall_before = ckpt["step"], ckpt.get("snapshots", []), ckpt.get("wall_time_s", 0.0)
         results.truncate_metrics(run_dir, before_step=start)
     t0 = time.time()
@@ -218,6 +219,7 @@ def train(
             "optimizer": opt.state_dict(),
             "rng": _rng_state(gens),
             "integrator": integrator.state_dict() if integrator is not None else None,
+            "tracker": tracker.state_dict() if tracker is not None else None,
             "snapshots": snapshots,
             "wall_time_s": wall_before + time.time() - t0,
             "spec": asdict(spec),

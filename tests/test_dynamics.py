@@ -643,3 +643,18 @@ def test_frozen_weight_has_no_noise_and_autocast_is_refused():
         tr.begin()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(torch.randn(4, 2, 9, 9))
+
+
+def test_integrator_state_round_trip_continues_exactly():
+    from lipexp.dynamics import KIntegrator
+
+    terms = [{"a": {"sigma1": 2.0 + 0.01 * k, "mu": 0.1 * k, "kappa": 0.01, "lambda2": 0.002}} for k in range(6)]
+    ref = KIntegrator(0.1)
+    ref_rows = [ref.update(t) for t in terms]
+    first = KIntegrator(0.1)
+    rows = [first.update(t) for t in terms[:3]]
+    resumed = KIntegrator(0.1)
+    resumed.load_state_dict(first.state_dict())
+    rows += [resumed.update(t) for t in terms[3:]]
+    assert rows == ref_rows
+    assert resumed.prediction() == ref.prediction()

@@ -42,9 +42,10 @@ def _spec(**kw):
     return TrainSpec(**base)
 
 
-def test_resume_after_interrupt_gives_identical_metrics(tmp_path):
+@pytest.mark.parametrize("tracker", ["sigma1", "full"])
+def test_resume_after_interrupt_gives_identical_metrics(tmp_path, tracker):
     ds = _toy_cifar()
-    ref = train(_model(), ds, None, _spec(), tmp_path / "ref")
+    ref = train(_model(), ds, None, _spec(tracker=tracker), tmp_path / "ref")
     ref_df = pd.read_parquet(tmp_path / "ref" / results.METRICS_FILE)
 
     def interrupt(row):  # as if the user pressed Ctrl-C during step 13
@@ -53,14 +54,17 @@ def test_resume_after_interrupt_gives_identical_metrics(tmp_path):
 
     run_dir = tmp_path / "resumed"
     with pytest.raises(Interrupted):
-        train(_model(), ds, None, _spec(), run_dir, log_fn=interrupt)
+        train(_model(), ds, None, _spec(tracker=tracker), run_dir, log_fn=interrupt)
     assert results.read_status(run_dir)["status"] == "interrupted"
     assert torch.load(run_dir / results.CHECKPOINT_FILE, weights_only=False)["step"] == 14
-    resumed = train(_model(), ds, None, _spec(), run_dir)
+    resumed = train(_model(), ds, None, _spec(tracker=tracker), run_dir)
     df = pd.read_parquet(run_dir / results.METRICS_FILE)
     assert list(df["step"]) == list(range(24)) + [24]  # no lost or duplicated rows
     pd.testing.assert_frame_equal(df, ref_df, check_exact=True)
     assert resumed["final_K_emp"] == ref["final_K_emp"]
+    if tracker == "full":
+        assert {"K_pred", "mu_Z", "kappa/0.weight"} <= set(df.columns)
+        assert resumed["max_rel_err"] == ref["max_rel_err"]
 
 
 def test_non_finite_loss_stops_with_reason(tmp_path):
