@@ -111,14 +111,20 @@ def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: Dataset, device, batch_size: int = 1000, limit: int | None = None) -> dict:
-    """Mean cross-entropy and accuracy on the first ``limit`` samples (all when None)."""
+    """Mean cross-entropy and accuracy on ``limit`` samples (all when None).
+
+    The samples are a fixed seeded selection, not the first ``limit``: a dataset may be sorted by class
+    (the offline CIFAR-10 mirror is).
+    """
     was_training = model.training
     model.eval()
     n = len(ds) if limit is None else min(limit, len(ds))
+    idx = torch.arange(n) if n == len(ds) else torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n]
     loss_sum, correct = 0.0, 0
     for i in range(0, n, batch_size):
-        x = to_pixels(ds.x[i : min(i + batch_size, n)], device)
-        y = ds.y[i : min(i + batch_size, n)].to(device)
+        sel = idx[i : i + batch_size]
+        x = to_pixels(ds.x[sel], device)
+        y = ds.y[sel].to(device)
         logits = model(normalize(x, ds.name))
         loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())

@@ -79,3 +79,17 @@ def test_spec_validation_is_explicit():
         _spec(batch_size=0).validate()
     with pytest.raises(ValueError, match="unknown tracker"):
         _spec(tracker="nope").validate()
+
+
+def test_evaluation_subset_is_not_the_first_samples_of_a_sorted_set():
+    from lipexp.train import evaluate
+
+    y = torch.arange(10).repeat_interleave(100)  # sorted by class, like the CIFAR-10 mirror
+    ds = Dataset("cifar10", "test", torch.zeros(1000, 3, 32, 32, dtype=torch.uint8), y, 10, "synthetic")
+
+    class Oracle(torch.nn.Module):  # predicts class 0 always
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float()
+
+    acc = evaluate(Oracle(), ds, "cpu", batch_size=64, limit=500)["acc"]
+    assert 0.03 < acc < 0.2  # about 1/10, not 1.0 as on the first 500 samples
