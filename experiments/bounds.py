@@ -33,7 +33,7 @@ from lipexp.models import DATASET_STATS
 from lipexp.train import resolve_device, to_pixels, train
 
 from . import plots
-from .ch3 import pick_run, threads, write_empty
+from .ch3 import blank, pick_run, threads, write_empty
 from .common import build_model, load_data, train_spec, write_outputs
 
 LAYERS = "layers.csv"
@@ -137,8 +137,7 @@ def _table(layers: pd.DataFrame, s: dict) -> pd.DataFrame:
     ]
     df = pd.concat([lay, pd.DataFrame(net)], ignore_index=True)
     df["kind"] = df["kind"].fillna("network")
-    df = df[[c for c in COLS if c in df.columns]].rename(columns=COLS)
-    return df.astype(object).where(df.notna(), "")  # blank, not "nan", where a quantity does not apply
+    return blank(df[[c for c in COLS if c in df.columns]].rename(columns=COLS))
 
 
 def _figure(layers: pd.DataFrame, s: dict, metrics: pd.DataFrame | None):

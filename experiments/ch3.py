@@ -35,6 +35,11 @@ def pick_run(cfg, runs, needed: str, keys: tuple[str, ...] = ("seed.data",)):
     return (same or ok or [None])[0]
 
 
+def blank(df: pd.DataFrame) -> pd.DataFrame:
+    """Empty cells, not "nan"/"None", where a quantity does not apply (summary.csv then reads back as NaN)."""
+    return df.astype(object).where(df.notna(), "")
+
+
 def write_empty(cfg, fig_dir, runs) -> None:
     """Outputs that say no run completed (the failed runs are listed by ``write_outputs``)."""
     from matplotlib.figure import Figure

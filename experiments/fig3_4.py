@@ -12,7 +12,7 @@ import torch
 from lipexp import results, spectral
 
 from . import plots
-from .ch3 import pick_run, threads, write_empty
+from .ch3 import blank, pick_run, threads, write_empty
 from .common import write_outputs
 
 ERRORS = "errors.npz"
@@ -105,4 +105,4 @@ def aggregate(cfg, fig_dir, runs) -> None:
              "(lipexp.spectral.error_trials); matrices from lipexp.spectral.random_matrices with seed.data.",
              "The thesis' Fig. 3.4 covers 6x10 Hessians; the tall (10x6) and square (8x8) cases and the Jacobian rows "
              "extend it."]
-    write_outputs(cfg, fig_dir, fig, pd.DataFrame(rows), runs, findings, notes)
+    write_outputs(cfg, fig_dir, fig, blank(pd.DataFrame(rows)), runs, findings, notes)
