@@ -227,9 +227,9 @@ def aggregate(cfg, fig_dir, runs) -> None:
         f"the theory's K = {K:.4g} is {'BELOW' if K < lower else 'above'} the measured lower bound {lower:.4g} "
         f"(K / lower = {K / lower:.3g}): " + (
             "here K is not an upper bound of the network's Lipschitz constant" if K < lower else
-            "on this run K stays above the lower bound, but it is no guarantee: K can fall below a measured lower "
-            "bound for conv nets, because (b)/(a) > 1 per convolution (the product of those ratios is "
-            f"{s['K_operator'] / K:.3g} here)"),
+            "on this run K stays above the lower bound, but for conv nets K is no guaranteed upper bound: "
+            f"(b)/(a) > 1 per convolution, prod (b) / prod (a) = {s['K_operator'] / K:.3g} here, so a network whose "
+            "Lipschitz constant came within that factor of prod (b) would have K below its measured lower bounds"),
         f"pixel input in [0, 1]: K x 1/min(std) = {K * up:.4g}, upper (b) = {s['upper_operator'] * up:.4g}, "
         f"lower bound >= {lower * lo:.4g} (normalised lower x 1/max(std) = {lo:.3f})",
     ]
