@@ -33,3 +33,41 @@ def grid(n: int, ncols: int = 4, size=(3.6, 2.9)):
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
+
+
+# ---------------------------------------------------------------- Chapter 3
+def relabel_pairs(fig, n_pairs: int, pairs_per_row: int, prefix: str, start: int = 0) -> None:
+    """Prefix the titles of pairs ``start .. start+n_pairs-1`` drawn by ``lipexp.plots_ch3.plot_derivative_pairs``."""
+    axes = fig.axes
+    for i in range(start, start + n_pairs):
+        for j in (0, 1):
+            ax = axes[(i // pairs_per_row) * 2 * pairs_per_row + 2 * (i % pairs_per_row) + j]
+            ax.set_title(f"{prefix} {ax.get_title()}", fontsize=8)
+
+
+def log_error_histogram(ax, err: np.ndarray, bound: float | None = None, bins: int = 30, title: str = "") -> None:
+    """Step histograms of errors ``err: [r, trials]`` (one per k) on log10 bins; exact zeros are counted in the title.
+
+    ``bound`` (the thesis' stated maximum) is drawn as a dashed vertical line when positive.
+    """
+    err = np.asarray(err, dtype=float)
+    pos = err[err > 0]
+    zeros = int((err == 0).sum())
+    if pos.size:
+        lo, hi = np.log10(pos.min()), np.log10(max(pos.max(), bound or 0.0))
+        edges = np.logspace(lo - 0.05, hi + 0.05, bins + 1)
+        for k in range(err.shape[0]):
+            ax.hist(err[k][err[k] > 0], bins=edges, histtype="step", label=f"k={k + 1}")
+        ax.set_xscale("log")
+        ax.legend(fontsize=5, ncol=2)
+    else:
+        ax.text(0.5, 0.5, f"all {err.size} errors are exactly 0", ha="center", va="center", transform=ax.transAxes,
+                fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if bound:
+        ax.axvline(bound, color="k", ls="--", lw=1)
+    ax.set_title(f"{title}\nmax {err.max():.2g}, {zeros}/{err.size} exactly 0", fontsize=7)
+    ax.set_xlabel("eps", fontsize=7)
+    ax.set_ylabel("count", fontsize=7)
+    ax.tick_params(labelsize=6)
