@@ -72,7 +72,7 @@ def aggregate(cfg, fig_dir: Path, runs) -> None:
     findings = []
     for _, t in table.iterrows():
         findings.append(
-            f"seed {int(t["seed"])}: K_f = max|f'| on the grid = {t['K_f_grid']:.5g} (finite differences "
+            f"seed {int(t['seed'])}: K_f = max|f'| on the grid = {t['K_f_grid']:.5g} (finite differences "
             f"{t['K_f_fd']:.5g}); spectral bound int K_zeta = {t['bound_analytic']:.5g} analytic, "
             f"{t['bound_fft']:.5g} by FFT (relative error {t['fft_rel_err']:.2e}); K_f / bound = {t['K_over_bound']:.6f}"
         )
