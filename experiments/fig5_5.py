@@ -1,8 +1,9 @@
 """Fig. 5.5: empirical Lipschitz constant and prod sigma_1 against the low-pass cutoff (ConvNet, CIFAR-10).
 
 One training run per cutoff. After training: the operator 2-norm of the input Jacobian of the logits,
-||J(x)||_2 = max_v ||J v|| / ||v||, on the first ``n_lip`` test images by power iteration on J^T J (torch.func
-jvp/vjp), and the bound prod_l sigma_1(W_l). The input is the model's input (the normalised image), the
+||J(x)||_2 = max_v ||J v|| / ||v||, on ``n_lip`` test images (seeded random choice), exactly from the 10 x d
+Jacobian (10 vjps; ``input_jacobian_norm`` also has the jvp/vjp power iteration), and the bound
+prod_l sigma_1(W_l). The input is the model's input (the normalised image), the
 space in which the bound holds; pixel-space norms are larger by about 1/std ~ 4.
 
 Also what fig5_4 and fig5_6 share: model reuse across the three figures (``train_or_reuse``), the
@@ -21,9 +22,11 @@ from scipy import stats
 
 from omegaconf import OmegaConf
 
+from lipexp import data as D
 from lipexp import results
 from lipexp.data import normalize
 from lipexp.layers import k_emp, top_singular_values
+from lipexp.models import DATASET_STATS
 from lipexp.train import resolve_device, to_pixels
 
 from .common import build_model, collect_runs, load_data, train_job, write_outputs
@@ -94,13 +97,36 @@ def _norms(t: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ shared by the Chapter 5 CIFAR figures
 def training_config(cfg) -> dict:
     """The parts of a (resolved) config that determine the trained weights (not where the data lives)."""
-    out = {}
+    out = {"input_stats": cfg.figure.get("input_stats", "dataset")}
     for key in TRAINING_KEYS:
         node = OmegaConf.to_container(cfg[key], resolve=True)
         if key == "data":
             node = {k: v for k, v in node.items() if k not in IGNORED_DATA_KEYS}
         out[key] = node
     return out
+
+
+def load_ch5_data(cfg) -> tuple[D.Dataset, D.Dataset]:
+    """``load_data(cfg)``; with ``figure.input_stats=filtered`` a filtered dataset is standardised with the
+    per-channel mean/std of its own filtered training images instead of those of the unfiltered dataset.
+
+    The stats are registered under a derived name (``cifar10:highpass0.5``) that both datasets then carry,
+    because the training loop and ``normalize`` look the stats up by dataset name.
+    """
+    train_set, test_set = load_data(cfg)
+    mode = cfg.figure.get("input_stats", "dataset")
+    if mode not in ("dataset", "filtered"):
+        raise ValueError(f"figure.input_stats={mode!r} is not valid; choose 'dataset' or 'filtered'")
+    if mode == "dataset" or cfg.data.filter == "none":
+        return train_set, test_set
+    x = to_pixels(train_set.x, "cpu")
+    mean = x.mean(dim=(0, 2, 3)).double()
+    std = (x - mean.float().view(1, -1, 1, 1)).pow(2).mean(dim=(0, 2, 3)).double().sqrt()
+    name = f"{train_set.name}:{cfg.data.filter}{float(cfg.data.cutoff):g}"
+    DATASET_STATS[name] = (tuple(mean.tolist()), tuple(std.tolist()))
+    info = {"input_mean": mean.tolist(), "input_std": std.tolist()}
+    return tuple(D.Dataset(name, ds.split, ds.x, ds.y, ds.num_classes, ds.source, {**ds.info, **info})
+                 for ds in (train_set, test_set))
 
 
 def find_reusable_run(cfg) -> Path | None:
@@ -118,10 +144,10 @@ def train_or_reuse(cfg, run_dir: Path, after) -> dict:
     """``train_job(cfg, run_dir, after)``, unless another Chapter 5 figure already trained this exact model:
     then load its model.pt, copy its training scalars and run only ``after(model, train_set, test_set, summary)``."""
     src = find_reusable_run(cfg)
+    train_set, test_set = load_ch5_data(cfg)
     if src is None:
-        return {"reused_from": None, **train_job(cfg, run_dir, after=after)}
+        return {"reused_from": None, **train_job(cfg, run_dir, after=after, data=(train_set, test_set))}
     log.info("reusing the trained model of %s", src)
-    train_set, test_set = load_data(cfg)
     results.update_status(run_dir, data_source=train_set.source, reused_model=str(src),
                           data_info={**train_set.info, "n_train": len(train_set), "n_test": len(test_set)})
     device = resolve_device(cfg.device)
@@ -171,16 +197,20 @@ def describe_correlation(c: dict) -> str:
             f"(p = {c['spearman_p']:.2g}), n = {c['n']}")
 
 
-def eval_inputs(ds, n: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n images of ``ds`` as model inputs (normalised) and their labels."""
-    n = len(ds) if n is None else min(int(n), len(ds))
-    return normalize(to_pixels(ds.x[:n], device), ds.name), ds.y[:n].to(device)
+def eval_pixels(ds, n: int | None, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n pixel images (in [0, 1] for unfiltered data) of ``ds`` with their labels, drawn by a seeded permutation:
+    the mirror's CIFAR-10 is sorted by class, so the first n would all be one class."""
+    idx = torch.arange(len(ds))
+    if n is not None and int(n) < len(ds):
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[: int(n)]
+    return to_pixels(ds.x[idx], device), ds.y[idx].to(device)
 
 
 # ------------------------------------------------------------------ the figure
 def lipschitz_scalars(cfg, run_dir: Path, model, test_set) -> dict:
     device = next(model.parameters()).device
-    x, _ = eval_inputs(test_set, cfg.scale.n_lip, device)
+    x, _ = eval_pixels(test_set, cfg.scale.n_lip, device)
+    x = normalize(x, test_set.name)
     norms, infos = [], []
     for i in range(0, x.shape[0], 250):  # chunks bound the memory of the Jacobians
         nrm, info = input_jacobian_norm(model, x[i : i + 250], method=str(cfg.figure.lip_method),
