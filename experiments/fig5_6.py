@@ -111,9 +111,9 @@ def aggregate(cfg, fig_dir: Path, runs) -> None:
     fig.tight_layout()
     reused = int(table["reused_model"].sum()) if len(table) else 0
     notes = data_notes(ok) + profile_notes(cfg, skip=("n_lip", "lip_iters")) + [
-        f"Models: {reused} of {len(table)} reused from completed {', '.join(cfg.figure.get('reuse_from') or []) or '(none)'} "
-        "runs with the same training "
-        "config (model.pt), the others trained by this figure's own jobs with the same settings.",
+        f"Models: {reused} of {len(table)} reused (model.pt) from completed runs of "
+        f"{', '.join(cfg.figure.get('reuse_from') or []) or '(none)'} with the same training config; "
+        f"{len(table) - reused} trained by this figure's own jobs with the same settings.",
         "Loss: mean cross-entropy on a fixed seeded sample of the filtered training set (n_land); directions: two "
         "filter-normalised, filter-wise orthogonal Gaussian directions with the same seed for every model (biases not "
         "moved).",
