@@ -216,13 +216,14 @@ def _in_multirun() -> bool:
         return False
 
 
-def train_job(cfg: DictConfig, run_dir: Path, after: Callable | None = None) -> dict:
+def train_job(cfg: DictConfig, run_dir: Path, after: Callable | None = None, data: tuple | None = None) -> dict:
     """The standard job: load data, build the model, train with the tracker, save the final weights.
 
-    ``after(model, train_set, test_set, summary)`` may add figure-specific scalars to the summary.
+    ``after(model, train_set, test_set, summary)`` may add figure-specific scalars to the summary;
+    ``data=(train_set, test_set)`` replaces ``load_data(cfg)`` (a figure that prepares its data itself).
     """
     device = resolve_device(cfg.device)
-    train_set, test_set = load_data(cfg)
+    train_set, test_set = data if data is not None else load_data(cfg)
     results.update_status(
         run_dir,
         data_source=train_set.source,
