@@ -246,7 +246,7 @@ def load_model(cfg: DictConfig, entry: Entry) -> tuple[nn.Module, dict]:
     (params, accuracy, training budget). CIFAR models are trained here on first use."""
     device = resolve_device(cfg.device)
     d = entry_dir(cfg, entry)
-    with _locked(d.parent / f".{d.name}.lock"):
+    with _locked(d.parent / ".locks" / f"{d.name}.lock"):
         info = results.read_json(d / "info.json")
         if entry.family == "cifar":
             model = _build_cifar(entry, int(cfg.seed.init))
@@ -339,7 +339,7 @@ def cached_psi(cfg: DictConfig, model_id: str, model_fn, images_fn, *, n: int, n
     """
     settings = {"model": model_id, "n": n, "M": num_bands, "absence": absence, "partition": partition, "seed": seed}
     path = zoo_root(cfg) / "psi" / f"{model_id}_{absence}_{partition}_M{num_bands}_n{n}_s{seed}.npz"
-    with _locked(path.with_name(f".{path.name}.lock")):
+    with _locked(path.parent / ".locks" / f"{path.name}.lock"):
         if path.exists():
             with np.load(path) as z:
                 return z["psi"]
@@ -362,9 +362,10 @@ def zoo_psi(cfg: DictConfig, entry: Entry, *, random_init: bool = False, absence
             n = min(n, int(ss.n_imagenet))
     model_id = entry_dir(cfg, entry).name + ("-kaiming0" if random_init else "")
     model_fn = (lambda: random_model(cfg, entry, 0)) if random_init else (lambda: load_model(cfg, entry)[0])
+    # large images: smaller batches (allocating huge activation buffers costs more than it saves)
+    batch = int(ss.batch_size if entry.family == "cifar" else ss.get("batch_size_imagenet", ss.batch_size))
     return cached_psi(cfg, model_id, model_fn, lambda k: eval_images(cfg, entry, k), n=n,
-                      num_bands=int(ss.num_bands), absence=absence, partition=partition,
-                      batch_size=int(ss.batch_size), seed=seed)
+                      num_bands=int(ss.num_bands), absence=absence, partition=partition, batch_size=batch, seed=seed)
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -516,8 +517,10 @@ def robustness_run(cfg: DictConfig, run_dir: Path, table_name: str) -> dict:
         base = {k: by_key[e.key][k] for k in ("model", "family", "arch", "transformer", "params", "test_acc", "srs",
                                               "tv_uniform", "low_half")}
         q_clean = P.true_class_probability(model, x, y)
+        base["q_clean"] = float(q_clean.mean())
         for name, param, value, kw in grid:
-            xs = P.perturb(name, x, model=model, labels=y, **kw)
+            # clamp: a blur can overshoot [0, 1] by float rounding, which the probability check rejects
+            xs = P.perturb(name, x, model=model, labels=y, **kw).clamp(0.0, 1.0)
             q = P.true_class_probability(model, xs, y)
             out.append({**base, "perturbation": name, "param": param, "level": value,
                         "mpe": float((q_clean - q).abs().mean()), "acc_perturbed": float(
@@ -552,8 +555,10 @@ def robustness_aggregate(cfg: DictConfig, fig_dir: Path, runs, table_name: str, 
             ax, ax2 = axes[0, j], axes[1, j]
             for (fam, level), g in d.groupby(["family", "level"], sort=True):
                 c = correlation(g["srs"], g["mpe"])
+                cq = correlation(g["q_clean"], g["mpe"])
                 corr_rows.append({"perturbation": kind, "param": g["param"].iloc[0], "level": level, "family": fam, **c,
-                                  "mpe_min": g["mpe"].min(), "mpe_max": g["mpe"].max()})
+                                  "mpe_min": g["mpe"].min(), "mpe_max": g["mpe"].max(),
+                                  "pearson_qclean_mpe": cq["pearson"]})
                 ax.plot(g["srs"], g["mpe"], "o", ms=5, label=f"{g['param'].iloc[0]} = {level:g} ({fam}): "
                         f"r = {c['pearson']:.2f}, rho = {c['spearman']:.2f}")
                 for _, row in g.iterrows():
@@ -582,6 +587,9 @@ def robustness_aggregate(cfg: DictConfig, fig_dir: Path, runs, table_name: str, 
                            f"negative Spearman correlation between SRS and mPE "
                            f"(a higher score going with a smaller prediction error, as the thesis claims); median "
                            f"Pearson {corr['pearson'].median():.3f}, median Spearman {corr['spearman'].median():.3f}")
+        findings.append(f"for comparison, the mean clean confidence Q(y|x) of each model against its mPE: median "
+                        f"Pearson r = {corr['pearson_qclean_mpe'].median():.3f} over the settings (mPE cannot exceed "
+                        f"Q(y|x) when an attack only lowers it)")
         df = df.merge(corr[["perturbation", "level", "family", "pearson", "spearman"]],
                       on=["perturbation", "level", "family"], how="left")
     notes = list(notes) + (r.summary.get("notes", []) if r else [])

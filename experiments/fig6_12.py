@@ -35,11 +35,12 @@ def run(cfg, run_dir):
     sub = D.subset(test_set, int(cfg.figure.sid_samples), seed=1234)
     psi = ch6.per_sample_psi(model, sub.x.float() / 255, sub.y, int(cfg.figure.num_bands))
     st = ch6.sid_stats(psi)
+    ent_lo, ent_hi = ch6.bootstrap_ci(psi.numpy(), "entropy")
     out = {"arch": arch, "label_noise": float(cfg.data.label_noise), "changed_fraction": info["changed_fraction"],
            "dataset": train_set.name, "steps": int(spec["steps"]), "train_acc_noisy_labels": summary.get("final_train_acc"),
            "test_acc": summary.get("final_test_acc"), "srs": st["srs"], "tv_uniform": st["tv_uniform"],
-           "entropy": st["entropy"], "low_half": st["low_half"], "n_sid": int(psi.shape[0]),
-           **ch6.sid_columns(st["sid"]), "wall_time_s": summary.get("wall_time_s")}
+           "entropy": st["entropy"], "entropy_lo": ent_lo, "entropy_hi": ent_hi, "low_half": st["low_half"], "n_sid": int(psi.shape[0]),
+           **ch6.sid_columns(st["sid"]), "train_wall_s": summary.get("wall_time_s")}
     return out
 
 
@@ -64,8 +65,9 @@ def aggregate(cfg, fig_dir, runs) -> None:
             c_ent = ch6.correlation(d["label_noise"], d["entropy"])
             c_tv = ch6.correlation(d["label_noise"], d["tv_uniform"])
             findings.append(
-                f"{arch}: normalised SID entropy (1 = uniform) " + ", ".join(
-                    f"{a:.1f}: {e:.3f}" for a, e in zip(d["label_noise"], d["entropy"]))
+                f"{arch}: normalised SID entropy (1 = uniform) [95% bootstrap] " + ", ".join(
+                    f"{a:.1f}: {e:.3f} [{lo:.2f}, {hi:.2f}]"
+                    for a, e, lo, hi in zip(d["label_noise"], d["entropy"], d["entropy_lo"], d["entropy_hi"]))
                 + f"; Spearman rho(noise, entropy) = {c_ent['spearman']:.3f}, rho(noise, TV to uniform) = "
                 f"{c_tv['spearman']:.3f}; test accuracy {d['test_acc'].iloc[0]:.3f} at noise "
                 f"{d['label_noise'].iloc[0]:.1f} -> {d['test_acc'].iloc[-1]:.3f} at {d['label_noise'].iloc[-1]:.1f}")

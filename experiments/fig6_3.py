@@ -85,7 +85,7 @@ def run(cfg, run_dir):
     xy = TSNE(n_components=2, perplexity=min(30.0, (2 * n - 1) / 3), init="pca", random_state=0).fit_transform(
         torch.cat([e_clean, e_noisy]).numpy())
     np.savez(run_dir / EMBED, xy=xy, labels=te.y[:n].numpy(), n=n)
-    out["wall_time_s"] = summary.get("wall_time_s")
+    out["train_wall_s"] = summary.get("wall_time_s")
     return out
 
 
@@ -113,11 +113,12 @@ def aggregate(cfg, fig_dir, runs) -> None:
         cols = ["train_set", "train_acc", "val_acc", "gap", "clean_val_acc", "noisy_val_acc", "embed_shift_ratio"]
         axes[-1].axis("off")
         cell = [[row[k] if k == "train_set" else f"{row[k]:.3f}" for k in cols] for _, row in table.iterrows()]
-        tab = axes[-1].table(cellText=cell, colLabels=["train set", "acc train", "acc val", "val - train", "acc clean val",
-                                                       "acc noisy val", "embed shift"], loc="center")
+        tab = axes[-1].table(cellText=cell, colLabels=["train\nset", "acc\ntrain", "acc\nval", "val -\ntrain",
+                                                       "acc\nclean val", "acc\nnoisy val", "embed\nshift"], loc="center")
         tab.auto_set_font_size(False)
         tab.set_fontsize(7)
-        tab.scale(1.0, 1.6)
+        tab.auto_set_column_width(list(range(len(cols))))
+        tab.scale(1.0, 2.4)
         for _, row in table.iterrows():
             findings.append(f"trained on {row['train_set']}: train acc {row['train_acc']:.3f}, val acc {row['val_acc']:.3f} "
                             f"(gap {row['gap']:+.3f}), clean-val acc {row['clean_val_acc']:.3f}, val acc under noise "
