@@ -71,3 +71,51 @@ def log_error_histogram(ax, err: np.ndarray, bound: float | None = None, bins: i
     ax.set_xlabel("eps", fontsize=7)
     ax.set_ylabel("count", fontsize=7)
     ax.tick_params(labelsize=6)
+
+
+# ---------------------------------------------------------------- Chapter 6
+FAMILY_COLORS = {"cifar": "tab:blue", "imagenet": "tab:orange"}
+
+
+def zoo_bars(ax, names, values, families, ylabel: str) -> None:
+    """One bar per model, coloured by family (CIFAR-10 trained here / ImageNet pretrained)."""
+    names, values, families = list(names), list(values), list(families)
+    ax.bar(range(len(names)), values, color=[FAMILY_COLORS.get(f, "0.5") for f in families])
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=8)
+    for fam, col in FAMILY_COLORS.items():
+        if fam in families:
+            ax.bar([], [], color=col, label=fam)
+    ax.legend(fontsize=6)
+
+
+def sid_bars(ax, sid, title: str = "", color=None, ylim=None) -> None:
+    """A spectral importance distribution as bars over the bands I0 (lowest) .. I{M-1}, with 1/M dashed."""
+    sid = np.asarray(sid, float)
+    m = len(sid)
+    ax.bar(range(m), sid, color=color or "tab:blue")
+    ax.axhline(1.0 / m, color="0.3", ls="--", lw=0.8)
+    ax.set_xticks(range(m))
+    ax.set_xticklabels([f"I{i}" for i in range(m)], fontsize=6)
+    ax.set_title(title, fontsize=7)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.tick_params(labelsize=6)
+
+
+def labelled_scatter(ax, x, y, labels, sizes=None, colors=None, fontsize: int = 6) -> None:
+    """Scatter with a text label at each point (circle sizes optional, e.g. proportional to SRS)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ax.scatter(x, y, s=sizes if sizes is not None else 30, c=colors, alpha=0.7, edgecolors="k", linewidths=0.5)
+    for xi, yi, lab in zip(x, y, labels):
+        ax.annotate(str(lab), (xi, yi), fontsize=fontsize, xytext=(3, 3), textcoords="offset points")
+
+
+def show_image(ax, img, title: str = "", fontsize: int = 7) -> None:
+    """A C x H x W image (any range; clipped to [0, 1] for display)."""
+    arr = np.asarray(img, float)
+    arr = np.clip(arr.transpose(1, 2, 0), 0, 1)
+    ax.imshow(arr.squeeze(), cmap="gray" if arr.shape[-1] == 1 else None, interpolation="nearest")
+    ax.set_title(title, fontsize=fontsize)
+    ax.axis("off")

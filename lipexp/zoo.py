@@ -5,7 +5,6 @@ input normalisation is the model's first layer, so I-ASIDE filters raw pixels.
 """
 from __future__ import annotations
 
-import io
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ import torchvision
 from torch import nn
 
 from lipexp import models
+from lipexp.data import decode_jpeg_archive
 
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1]: (x - 127) / 128 in uint8 units.
 LITE_MEAN = (0.498, 0.498, 0.498)
@@ -32,34 +32,58 @@ def convnet_cifar(num_classes: int = 10) -> nn.Sequential:
     return models.with_normalization(models.convnet(num_classes=num_classes), "cifar10")
 
 
-def resnet18_cifar(num_classes: int = 10) -> nn.Sequential:
-    """torchvision resnet18 for 32x32 inputs: 3x3 stride-1 stem, no max-pool (final maps 4x4)."""
+def resnet18_cifar(num_classes: int = 10, width: int = 64) -> nn.Sequential:
+    """torchvision resnet18 for 32x32 inputs: 3x3 stride-1 stem, no max-pool (final maps 4x4).
+
+    ``width`` is the stem/first-stage width (64 in resnet18; stages w, 2w, 4w, 8w). A narrower
+    net costs about (width / 64)^2 as much: CPU profiles use it to fit their time budget.
+    """
+    from torchvision.models.resnet import BasicBlock
+
     net = torchvision.models.resnet18(num_classes=num_classes)
-    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
+    if width != 64:  # rebuild the stages with torchvision's own block factory and initialisation
+        net.inplanes = width
+        net.bn1 = nn.BatchNorm2d(width)
+        net.layer1 = net._make_layer(BasicBlock, width, 2)
+        net.layer2 = net._make_layer(BasicBlock, 2 * width, 2, stride=2)
+        net.layer3 = net._make_layer(BasicBlock, 4 * width, 2, stride=2)
+        net.layer4 = net._make_layer(BasicBlock, 8 * width, 2, stride=2)
+        net.fc = nn.Linear(8 * width, num_classes)
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     return models.with_normalization(net, "cifar10")
 
 
-def mobilenet_v2_cifar(num_classes: int = 10) -> nn.Sequential:
+def mobilenet_v2_cifar(num_classes: int = 10, width_mult: float = 1.0, total_stride: int = 8) -> nn.Sequential:
     """torchvision mobilenet_v2 for 32x32 inputs: stride 1 in the stem and in the first 24-channel
-    block (total stride 8, final maps 4x4), as in common CIFAR ports."""
-    net = torchvision.models.mobilenet_v2(num_classes=num_classes)
+    block (total stride 8, final maps 4x4), as in common CIFAR ports. ``width_mult`` is
+    torchvision's channel multiplier (1.0 = mobilenet_v2); ``total_stride=16`` keeps the first
+    block's stride 2 (final maps 2x2, about a quarter of the cost: CPU profiles use it)."""
+    if total_stride not in (8, 16):
+        raise ValueError(f"total_stride must be 8 or 16, got {total_stride}")
+    net = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width_mult)
     net.features[0][0].stride = (1, 1)
-    net.features[2].conv[1][0].stride = (1, 1)
+    if total_stride == 8:
+        net.features[2].conv[1][0].stride = (1, 1)
     return models.with_normalization(net, "cifar10")
 
 
-def vgg11_bn_cifar(num_classes: int = 10) -> nn.Sequential:
+def vgg11_bn_cifar(num_classes: int = 10, width: int = 64) -> nn.Sequential:
     """VGG11 with BatchNorm (torchvision's ``features``) for 32x32 inputs: the five pools leave
     512 x 1 x 1, so the 4096-wide ImageNet head becomes one linear layer 512 -> num_classes.
-    Initialised as torchvision's VGG (Kaiming fan-out convolutions, N(0, 0.01) linear)."""
+    Initialised as torchvision's VGG (Kaiming fan-out convolutions, N(0, 0.01) linear).
+    ``width`` is the first layer's width (64 in VGG11; every layer scales with it)."""
     from torchvision.models.vgg import cfgs, make_layers
 
+    layout = [v if v == "M" else v * width // 64 for v in cfgs["A"]]
     net = nn.Sequential(OrderedDict(
-        features=make_layers(cfgs["A"], batch_norm=True),
+        features=make_layers(layout, batch_norm=True),
         avgpool=nn.AdaptiveAvgPool2d(1),
         flatten=nn.Flatten(),
-        classifier=nn.Linear(512, num_classes),
+        classifier=nn.Linear(8 * width, num_classes),
     ))
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
@@ -96,11 +120,12 @@ CIFAR_ZOO: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def cifar_model(name: str, num_classes: int = 10) -> nn.Module:
-    """Build the CIFAR zoo model ``name`` (one of ``CIFAR_ZOO``)."""
+def cifar_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
+    """Build the CIFAR zoo model ``name`` (one of ``CIFAR_ZOO``); ``kwargs`` go to its builder
+    (e.g. ``width`` for resnet18/vgg11_bn, ``width_mult`` for mobilenet_v2, ``patch_size`` for the ViT)."""
     if name not in CIFAR_ZOO:
         raise ValueError(f"unknown CIFAR zoo model '{name}'; choose one of {tuple(CIFAR_ZOO)}")
-    return CIFAR_ZOO[name](num_classes=num_classes)
+    return CIFAR_ZOO[name](num_classes=num_classes, **kwargs)
 
 
 def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
@@ -160,16 +185,24 @@ def efficientnet_lite(variant: int = 0, image_size: int = 224) -> nn.Sequential:
     return nn.Sequential(models.Normalize(LITE_MEAN, LITE_STD), net).eval()
 
 
-def torchvision_pretrained(name: str, allow_download: bool = True) -> nn.Sequential:
-    """A torchvision ImageNet classifier with its default pretrained weights and ImageNet normalisation.
+def torchvision_pretrained(name: str, allow_download: bool = True, weights: str = "DEFAULT") -> nn.Sequential:
+    """A torchvision ImageNet classifier with pretrained weights and ImageNet normalisation.
 
+    ``weights`` names a member of the model's weights enum ("DEFAULT", "IMAGENET1K_V1", ...):
+    published robustness numbers such as ImageNet-C mCE refer to the original V1 weights.
     Weights come from the torch hub cache (``torch.hub.get_dir()/checkpoints``) or are downloaded;
     with no cached file and no internet (or ``allow_download=False``) this is a clear error.
     """
     try:
-        weights = torchvision.models.get_model_weights(name).DEFAULT
+        enum = torchvision.models.get_model_weights(name)
     except (ValueError, KeyError) as e:
         raise ValueError(f"unknown torchvision model '{name}': {e}") from e
+    try:
+        weights = getattr(enum, weights) if weights == "DEFAULT" else enum[weights]
+    except (AttributeError, KeyError) as e:
+        raise ValueError(
+            f"model '{name}' has no weights '{weights}'; choose DEFAULT or one of {[w.name for w in enum]}"
+        ) from e
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     if not cached.exists() and not allow_download:
         raise RuntimeError(
@@ -196,8 +229,6 @@ def load_imagenet_sample(
     """The 1,000-image ImageNet sample (``imagenet_sample224.npz``): uint8 images N x 3 x 224 x 224
     and int64 labels (sorted-synset index). JPEGs are decoded once with PIL and cached as ``.npy``
     in ``cache_dir``. Convert a batch to pixels in [0, 1] with ``x.float() / 255``."""
-    from PIL import Image
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -210,11 +241,7 @@ def load_imagenet_sample(
         if cache.is_file():
             arr = np.load(cache, mmap_mode="r")
         else:
-            jpeg, offsets = z["val_jpeg"], z["val_offsets"]
-            arr = np.stack([
-                np.asarray(Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
-                for i in range(len(offsets) - 1)
-            ]).transpose(0, 3, 1, 2)
+            arr = decode_jpeg_archive(z["val_jpeg"], z["val_offsets"])
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp.npy")
             np.save(tmp, np.ascontiguousarray(arr))
