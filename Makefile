@@ -16,7 +16,7 @@ endif
 CHAPTER3 := fig3_2 fig3_3 fig3_4 table2_1 bounds
 CHAPTER4 := fig4_2 fig4_8 fig4_3 fig4_4 fig4_5 fig4_6 fig4_7 fig4_1 init_k0
 CHAPTER5 := fig5_2 gaussian lemma5_3_4 fig5_1 fig5_4 fig5_5 fig5_6
-CHAPTER6 := fig6_1 fig6_2 fig6_6 fig6_7 fig6_9 fig6_11 fig6_12 fig6_13 fig6_15 fig6_16 fig6_3 fig6_8
+CHAPTER6 := fig6_zoo fig6_1 fig6_2 fig6_6 fig6_7 fig6_9 fig6_10 fig6_11 fig6_12 fig6_13 fig6_15 fig6_16 fig6_3 fig6_8
 
 .PHONY: help install test reproduce-chapter3 reproduce-chapter4 reproduce-chapter5 reproduce-chapter6 \
         reproduce-all report bench clean clean-runs
