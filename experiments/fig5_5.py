@@ -2,7 +2,7 @@
 
 One training run per cutoff. After training: the operator 2-norm of the input Jacobian of the logits,
 ||J(x)||_2 = max_v ||J v|| / ||v||, on ``n_lip`` test images (seeded random choice), exactly from the 10 x d
-Jacobian (10 vjps; ``input_jacobian_norm`` also has the jvp/vjp power iteration), and the bound
+Jacobian (10 vjps; ``lipexp.bounds.input_jacobian_norms`` also has the jvp/vjp power iteration), and the bound
 prod_l sigma_1(W_l). The input is the model's input (the normalised image), the
 space in which the bound holds; pixel-space norms are larger by about 1/std ~ 4.
 
@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from lipexp import data as D
 from lipexp import results
+from lipexp.bounds import input_jacobian_norms
 from lipexp.data import normalize
 from lipexp.layers import k_emp, top_singular_values
 from lipexp.models import DATASET_STATS
@@ -35,64 +36,6 @@ from .common import build_model, collect_runs, load_data, train_job, write_outpu
 log = logging.getLogger("lipexp")
 TRAINING_KEYS = ("model", "data", "optim", "train", "seed")
 IGNORED_DATA_KEYS = ("root", "mirror", "cache_dir", "download")
-
-
-# ------------------------------------------------------------------ input Jacobian (local; lipexp.bounds will own one)
-def input_jacobian_norm(
-    model: torch.nn.Module, x: torch.Tensor, method: str = "auto", iters: int = 100, tol: float = 1e-5,
-    seed: int = 0, max_exact_outputs: int = 64,
-) -> tuple[torch.Tensor, dict]:
-    """||J_i||_2, the operator 2-norm of the input Jacobian of ``model`` at every sample of ``x`` (N x ...).
-
-    Returns ((N,) float64 tensor, info). The model must treat samples independently (eval mode, no batch
-    statistics), so one batched jvp/vjp gives every sample's J_i v_i / J_i^T u_i.
-    ``method="exact"``: the full J_i (C x d) from C vector-Jacobian products (one per output, vmapped over
-    a single forward), then sqrt(lambda_max(J_i J_i^T)) in float64: a block power iteration with a full
-    block, converged in one step. ``"power"``: v <- J^T J v with one jvp and one vjp per iteration; the
-    estimate ||J v|| rises to sigma_1 from below at the rate (sigma_2 / sigma_1)^2, which is slow here (the
-    ConvNet's top two are within ~7% at init); it stops once no sample's estimate moves by more than
-    ``tol`` relative. ``"auto"``: exact when C <= ``max_exact_outputs``.
-    NOTE for the lead: a local stand-in until lipexp.bounds lands; dedupe then.
-    """
-    from torch.func import jvp, vjp, vmap
-
-    if method not in ("auto", "exact", "power"):
-        raise ValueError(f"unknown method '{method}'; choose auto, exact or power")
-    was_training = model.training
-    model.eval()
-    try:
-        x = x.detach()
-        f = lambda inp: model(inp)  # noqa: E731
-        out, vjp_fn = vjp(f, x)
-        if out.ndim != 2:
-            raise ValueError(f"expected N x C outputs, got shape {tuple(out.shape)}")
-        n, c = out.shape
-        if method == "exact" or (method == "auto" and c <= max_exact_outputs):
-            basis = torch.eye(c, dtype=out.dtype, device=out.device)[:, None, :].expand(c, n, c)
-            (jac,) = vmap(vjp_fn)(basis)  # C x N x ...: row k of every J_i
-            jac = jac.reshape(c, n, -1).transpose(0, 1).double()  # N x C x d
-            gram = jac @ jac.transpose(1, 2)  # N x C x C
-            return torch.linalg.eigvalsh(gram.detach())[:, -1].clamp_min(0).sqrt(), {"method": "exact", "iterations": 1, "converged": True}
-        gen = torch.Generator().manual_seed(seed)
-        v = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-        shape = (-1, *[1] * (x.ndim - 1))
-        v = v / _norms(v).view(shape)
-        prev = None
-        for k in range(1, iters + 1):
-            _, u = jvp(f, (x,), (v,))  # J v: N x C
-            est = u.flatten(1).norm(dim=1)
-            (w,) = vjp_fn(u)  # J^T J v
-            v = w / _norms(w).clamp_min(1e-30).view(shape)
-            if prev is not None and bool(((est - prev).abs() <= tol * est.clamp_min(1e-30)).all()):
-                return est.detach().double(), {"method": "power", "iterations": k, "converged": True}
-            prev = est
-        return est.detach().double(), {"method": "power", "iterations": iters, "converged": False}
-    finally:
-        model.train(was_training)
-
-
-def _norms(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).norm(dim=1)
 
 
 # ------------------------------------------------------------------ shared by the Chapter 5 CIFAR figures
@@ -229,8 +172,8 @@ def lipschitz_scalars(cfg, run_dir: Path, model, test_set) -> dict:
     x = normalize(x, test_set.name)
     norms, infos = [], []
     for i in range(0, x.shape[0], 250):  # chunks bound the memory of the Jacobians
-        nrm, info = input_jacobian_norm(model, x[i : i + 250], method=str(cfg.figure.lip_method),
-                                        iters=int(cfg.scale.lip_iters), tol=float(cfg.figure.lip_tol))
+        nrm, info = input_jacobian_norms(model, x[i : i + 250], method=str(cfg.figure.lip_method),
+                                         max_iter=int(cfg.scale.lip_iters), tol=float(cfg.figure.lip_tol))
         norms.append(nrm.cpu())
         infos.append(info)
     norms = torch.cat(norms).numpy()

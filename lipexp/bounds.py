@@ -347,31 +347,70 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
 
 
 def _jacobian_power(f, x: torch.Tensor, tol: float, max_iter: int, seed: int):
-    """Per-sample power iteration on J^T J: ``(sigma [B], unit top right-singular vectors like x)``."""
-    v = _unit(torch.randn(x.shape, generator=_generator(seed), dtype=x.dtype))
+    """Per-sample power iteration on J^T J: ``(sigma [B], unit top right-singular vectors like x, info)``.
+
+    The estimate ``||J v||`` rises to sigma_1 from below at the rate (sigma_2 / sigma_1)^2.
+    """
+    v = _unit(torch.randn(x.shape, generator=_generator(seed), dtype=x.dtype).to(x.device))
     _, vjp_fn = torch.func.vjp(f, x)
-    prev = torch.zeros(x.shape[0], dtype=x.dtype)
-    for _ in range(max_iter):
+    prev = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    info = {"method": "power", "iterations": max_iter, "converged": False}
+    for k in range(1, max_iter + 1):
         _, jv = torch.func.jvp(f, (x,), (v,))
         sigma = _norms(jv)
         (w,) = vjp_fn(jv)
         v = _unit(w)
         if bool(((sigma - prev).abs() <= tol * sigma).all()):
+            info.update(iterations=k, converged=True)
             break
         prev = sigma
-    return sigma, v
+    return sigma, v, info
+
+
+def _jacobian_exact(f, x: torch.Tensor) -> torch.Tensor:
+    """sigma_1 of every sample's full Jacobian (C x d, from C vmapped vjps of one forward): ``[B]``."""
+    out, vjp_fn = torch.func.vjp(f, x)
+    if out.ndim != 2:
+        raise ValueError(f"exact input Jacobians need B x C outputs, got shape {tuple(out.shape)}; "
+                         "use method='power'")
+    b, c = out.shape
+    basis = torch.eye(c, dtype=out.dtype, device=out.device)[:, None, :].expand(c, b, c)
+    (rows,) = torch.func.vmap(vjp_fn)(basis)  # C x B x ...: row k of every J_i
+    jac = rows.reshape(c, b, -1).transpose(0, 1)  # B x C x d
+    return torch.linalg.eigvalsh(jac @ jac.transpose(1, 2))[:, -1].clamp_min(0).sqrt()
+
+
+def input_jacobian_norms(model: nn.Module, x: torch.Tensor, method: str = "auto", tol: float = 1e-6,
+                         max_iter: int = 300, seed: int = 0, max_exact_outputs: int = 64
+                         ) -> tuple[torch.Tensor, dict]:
+    """l2 operator norm of the input Jacobian at each sample, ``x: [B, ...] -> ([B] float64, info)``.
+
+    Computed in float64 on a frozen eval-mode copy (the model itself is untouched). ``method="exact"``
+    builds each J_i (C x d) from C vector-Jacobian products and takes sqrt(lambda_max(J_i J_i^T)).
+    ``"power"``: power iteration on J^T J with ``torch.func.jvp``/``vjp``, all samples at once, until
+    every relative change is at most ``tol``; each value is ``||J v||`` for a unit v, so a lower bound of
+    the local norm whether or not it converged. ``"auto"``: exact when C <= ``max_exact_outputs``.
+    ``info``: method, iterations, converged.
+    """
+    if method not in ("auto", "exact", "power"):
+        raise ValueError(f"unknown method {method!r}; choose 'auto', 'exact' or 'power'")
+    net = _frozen_copy(model)
+    f = _per_sample_fn(net)
+    x = x.detach().double()
+    if method == "auto":
+        with torch.no_grad():
+            n_out = f(x[:1]).flatten(1).shape[1]
+        method = "exact" if n_out <= max_exact_outputs else "power"
+    if method == "exact":
+        return _jacobian_exact(f, x), {"method": "exact", "iterations": 1, "converged": True}
+    sigma, _, info = _jacobian_power(f, x, tol, max_iter, seed)
+    return sigma, info
 
 
 def jacobian_norms(model: nn.Module, x: torch.Tensor, tol: float = 1e-6, max_iter: int = 300,
                    seed: int = 0) -> torch.Tensor:
-    """l2 operator norm of the input Jacobian at each sample, ``x: [B, ...] -> [B]`` (float64, eval mode).
-
-    Power iteration on J^T J with ``torch.func.jvp`` and ``vjp``, all samples at once; stops when every
-    relative change is at most ``tol``. Each value is ``||J v||`` for a unit v, so a lower bound of the
-    local norm and hence of the network's Lipschitz constant, converged or not.
-    """
-    net = _frozen_copy(model)
-    return _jacobian_power(_per_sample_fn(net), x.detach().double(), tol, max_iter, seed)[0]
+    """Power-iteration input-Jacobian norms ``[B]`` (see ``input_jacobian_norms``): lower bounds of K."""
+    return input_jacobian_norms(model, x, "power", tol, max_iter, seed)[0]
 
 
 def lipschitz_ascent(model: nn.Module, x: torch.Tensor, steps: int = 200, lr: float = 1e-2,
@@ -387,7 +426,7 @@ def lipschitz_ascent(model: nn.Module, x: torch.Tensor, steps: int = 200, lr: fl
     net = _frozen_copy(model)
     f = _per_sample_fn(net)
     x0 = x.detach().double()
-    _, v = _jacobian_power(f, x0, 1e-4, 50, seed)
+    _, v, _ = _jacobian_power(f, x0, 1e-4, 50, seed)
     scale = math.sqrt(x0[0].numel())  # d with O(1) entries suits Adam's per-coordinate steps
     a = x0.clone().requires_grad_(True)
     d = (v * scale).requires_grad_(True)

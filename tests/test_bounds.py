@@ -16,13 +16,14 @@ from lipexp.bounds import (
     conv2d_unfold_factor,
     init_k0,
     init_std,
+    input_jacobian_norms,
     jacobian_norms,
     layer_bounds,
     lipschitz_ascent,
     patch_multiplicity,
     summary_rows,
 )
-from lipexp.models import Normalize, mlp
+from lipexp.models import Normalize, convnet_ch5, mlp
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -221,3 +222,30 @@ def test_init_k0_matches_random_matrix_prediction():
     assert 0.9 < kn["layers"][0]["ratio"] < 1.05
     with pytest.raises(ValueError, match="unknown init"):
         init_std(10, "xavier")
+
+
+def test_input_jacobian_norms_exact_matches_autograd():
+    torch.manual_seed(0)
+    net = convnet_ch5()
+    x = torch.randn(6, 3, 32, 32)
+    jac = torch.func.vmap(torch.func.jacrev(lambda z: net.eval()(z[None])[0]))(x)  # 6 x 10 x 3 x 32 x 32
+    exact = torch.linalg.svdvals(jac.flatten(2).double())[:, 0]
+    net.train()
+    est, info = input_jacobian_norms(net, x)
+    assert info["method"] == "exact"
+    torch.testing.assert_close(est, exact, rtol=1e-5, atol=0)
+    assert net.training, "the train/eval mode must be restored"
+
+
+def test_input_jacobian_norms_power_iteration_on_a_known_spectrum():
+    """A ReLU layer: J_i = D_i W, D_i the mask of active units, so sigma_1(J_i) is known exactly."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(20, 5, bias=False)
+    net = torch.nn.Sequential(lin, torch.nn.ReLU())
+    x = torch.randn(8, 20)
+    active = (lin(x) > 0).double()  # J_i = D_i W: rows of W where unit i is active
+    exact = torch.stack([torch.linalg.svdvals(a[:, None] * lin.weight.detach().double())[0] for a in active])
+    est, info = input_jacobian_norms(net, x, method="power", max_iter=500, tol=1e-7)
+    assert info["method"] == "power" and info["converged"]
+    torch.testing.assert_close(est, exact, rtol=1e-4, atol=0)
+    assert (est <= exact * (1 + 1e-6)).all(), "power iteration approaches sigma_1 from below"

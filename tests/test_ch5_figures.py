@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.fig5_5 import input_jacobian_norm
 from lipexp import models
 
 
@@ -82,33 +81,6 @@ def test_cifar_figures_train_once_and_share_models(lipexp_cli):
     std = dict(zip(table["filter"], table["input_std"]))
     assert std["highpass"] < 0.1 < std["lowpass"], "each filtered set is standardised with its own statistics"
     assert not any("reused_model" in s for s in _statuses(lipexp_cli.results, "fig5_4").values())
-
-
-def test_input_jacobian_norm_exact_matches_autograd():
-    torch.manual_seed(0)
-    net = models.convnet_ch5()
-    x = torch.randn(6, 3, 32, 32)
-    jac = torch.func.vmap(torch.func.jacrev(lambda z: net.eval()(z[None])[0]))(x)  # 6 x 10 x 3 x 32 x 32
-    exact = torch.linalg.svdvals(jac.flatten(2).double())[:, 0]
-    net.train()
-    est, info = input_jacobian_norm(net, x)
-    assert info["method"] == "exact"
-    torch.testing.assert_close(est, exact, rtol=1e-5, atol=0)
-    assert net.training, "the train/eval mode must be restored"
-
-
-def test_input_jacobian_norm_power_iteration_on_a_known_spectrum():
-    """A ReLU layer: J_i = D_i W, D_i the mask of active units, so sigma_1(J_i) is known exactly."""
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(20, 5, bias=False)
-    net = torch.nn.Sequential(lin, torch.nn.ReLU())
-    x = torch.randn(8, 20)
-    active = (lin(x) > 0).double()  # J_i = D_i W: rows of W where unit i is active
-    exact = torch.stack([torch.linalg.svdvals(a[:, None] * lin.weight.detach().double())[0] for a in active])
-    est, info = input_jacobian_norm(net, x, method="power", iters=500, tol=1e-7)
-    assert info["method"] == "power" and info["converged"]
-    torch.testing.assert_close(est, exact, rtol=1e-4, atol=0)
-    assert (est <= exact * (1 + 1e-6)).all(), "power iteration approaches sigma_1 from below"
 
 
 def test_cross_entropy_on_log_softmax_output_is_nll():
