@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,3 +63,13 @@ def lipexp_cli(tmp_path, mirror, data_root):
 
     call.results = tmp_path / "results"
     return call
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny (often float64) problems: more threads only add
+    synchronisation, and on a busy shared CPU they stall (measured 15 s vs 270 s for test_activations)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -16,13 +16,7 @@ from lipexp.activations import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: intra-op threads only add contention on a shared CPU (measured 15 s vs 270 s under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Scalar activations: grid + ascent reaches the sup to rounding (measured <= 3e-15). Softmax: the sup is

@@ -26,13 +26,7 @@ from lipexp.bounds import (
 from lipexp.models import Normalize, convnet_ch5, mlp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: intra-op threads only add contention on a shared CPU (measured 15 s vs 270 s under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CONVS = [

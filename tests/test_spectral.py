@@ -17,13 +17,7 @@ from lipexp.spectral import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: intra-op threads only add contention on a shared CPU (measured 15 s vs 270 s under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPES = [(6, 10), (10, 6), (7, 7), (1, 4), (4, 1), (3, 5)]
