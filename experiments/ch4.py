@@ -116,3 +116,21 @@ def with_tracker(cfg, mode: str, **train_overrides):
     for k, v in train_overrides.items():
         new.train[k] = v
     return new
+
+
+THESIS_LR = 1e-3  # the thesis' SGD learning rate for the ConvNet figures (4.2-4.5, 4.8)
+
+
+def scale_note(cfg, batch: bool = True) -> list[str]:
+    """A note on how a non-paper profile scales a ConvNet figure down (nothing for ``paper``).
+
+    ``batch=False`` leaves the batch size out (figures that sweep it).
+    """
+    if cfg.profile.name == "paper":
+        return []
+    lr = float(cfg.optim.lr)
+    why = "as in the thesis" if math.isclose(lr, THESIS_LR) else (
+        f"{lr / THESIS_LR:g}x the thesis' {THESIS_LR:g}, so that K moves visibly within the short run")
+    size = f"batch {cfg.data.batch_size}, " if batch else ""
+    return [f"Profile {cfg.profile.name}: {cfg.train.steps} steps, {size}{cfg.data.train_subset} training images, "
+            f"lr {lr:g} ({why})."]

@@ -158,6 +158,33 @@ def _archive_previous(run_dir: Path) -> None:
             shutil.move(str(p), dest / p.name)
 
 
+# What determines a run's numbers (where the data lives, the logger or the wording of a claim do not).
+RESULT_KEYS = ("figure", "scale", "model", "data", "optim", "train", "tracker", "seed")
+IGNORED_KEYS = {"figure.title", "figure.claim", "figure.scales", "data.root", "data.mirror", "data.download",
+                "data.cache_dir"}
+
+
+def _flat(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: node}
+
+
+def config_changes(old: DictConfig, new: DictConfig) -> list[str]:
+    """Dotted keys whose values differ between a run's saved config and the one asked for now."""
+    def flat(cfg):
+        out = {}
+        for key in RESULT_KEYS:
+            if key in cfg:
+                out.update(_flat(OmegaConf.to_container(cfg[key], resolve=True), key))
+        return {k: v for k, v in out.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED_KEYS)}
+    a, b = flat(old), flat(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 def run_job(cfg: DictConfig, module, run_dir: Path) -> dict:
     """Run one job of a figure in ``run_dir`` with status bookkeeping; returns the run's summary.
 
@@ -167,6 +194,15 @@ def run_job(cfg: DictConfig, module, run_dir: Path) -> dict:
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     status = results.read_status(run_dir)
+    saved = run_dir / "config.yaml"
+    changed = config_changes(OmegaConf.load(saved), cfg) if status and saved.exists() else []
+    if changed:
+        # Same run directory, different settings (e.g. an edited profile): the old results no longer
+        # answer this command, so they are archived, never reused or resumed.
+        log.warning("%s was made with other settings (%s); archiving it and starting afresh", run_dir,
+                    ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else ""))
+        _archive_previous(run_dir)
+        status = {}
     if status.get("status") == "completed" and not cfg.force:
         log.info("%s already completed; skipping (force=true reruns it)", run_dir)
         return results.read_json(run_dir / results.SUMMARY_FILE, {}) or {}
@@ -177,6 +213,8 @@ def run_job(cfg: DictConfig, module, run_dir: Path) -> dict:
         run_dir, status="running", reason=None, started=results.now_iso(), **provenance(cfg)
     )
     job = getattr(module, "run", train_job)
+    log.info("%s: %s (profile %s, seeds %s)", cfg.figure.id, run_dir, cfg.profile.name,
+             OmegaConf.to_container(cfg.seed, resolve=True))
     t0 = time.time()
     try:
         summary = job(cfg, run_dir)
@@ -206,6 +244,9 @@ def run_job(cfg: DictConfig, module, run_dir: Path) -> dict:
     wall = previous_wall if previous_wall is not None else time.time() - t0
     results.write_json(run_dir / results.SUMMARY_FILE, summary)
     results.update_status(run_dir, status="completed", finished=results.now_iso(), wall_time_s=wall)
+    log.info("completed in %.1f s%s", wall, "".join(
+        f"; {k} {summary[k]:.4g}" for k in ("max_rel_err", "final_K_emp", "final_test_acc")
+        if isinstance(summary.get(k), (int, float))))
     return summary
 
 

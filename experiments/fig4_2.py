@@ -25,7 +25,5 @@ def aggregate(cfg, fig_dir, runs) -> None:
         "BatchNorm (track_running_stats=False) couples the samples of a batch; per-sample terms are defined by "
         "backpropagating the summed loss (theory.md §2). K(t) ignores BatchNorm's scaling, as the thesis does.",
     ]
-    if cfg.profile.name != "paper":
-        notes.append(f"Profile {cfg.profile.name}: {cfg.scale.steps} steps, batch {cfg.scale.batch_size}, "
-                     f"{cfg.scale.train_subset} training images, lr 1e-3 as in the thesis.")
+    notes += ch4.scale_note(cfg)
     write_outputs(cfg, fig_dir, fig, table, runs, findings, notes)

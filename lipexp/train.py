@@ -11,6 +11,7 @@ with a reason. Nothing here knows about Hydra: the runner turns a config into a 
 """
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import time
@@ -27,6 +28,8 @@ from . import regularizers as reg
 from . import results
 from .data import Dataset, batch_indices, normalize
 from .layers import k_emp, top_singular_values
+
+log = logging.getLogger(__name__)
 
 TRACKERS = ("off", "sigma1", "full")
 OPTIMIZERS = ("sgd", "adam")
@@ -214,6 +217,7 @@ def train(
             tracker.load_state_dict(ckpt["tracker"])
         start, snapshots, wall_before = ckpt["step"], ckpt.get("snapshots", []), ckpt.get("wall_time_s", 0.0)
         results.truncate_metrics(run_dir, before_step=start)
+        log.info("resuming from the checkpoint at step %d of %d", start, spec.steps)
     t0 = time.time()
 
     def save_checkpoint(step: int, rows: list[dict]) -> None:
@@ -295,6 +299,7 @@ def train(
                 row.update({f"sigma1/{k}": v for k, v in sig.items()})
             if spec.eval_every and step % spec.eval_every == 0:
                 row.update(_eval_row(model, train_set, test_set, device, spec))
+                log.info("%s", _describe(row))
             if log_now or tracker is not None:
                 rows.append(row)
                 if log_fn is not None:
@@ -331,6 +336,7 @@ def train(
         final.update(integrator.prediction())
     final.update(_eval_row(model, train_set, test_set, device, spec))
     rows.append(final)
+    log.info("final: %s", _describe(final))
     if log_fn is not None:
         log_fn(final)
     if tracker is not None:
@@ -342,6 +348,13 @@ def train(
     if snapshots:
         torch.save(snapshots, run_dir / "snapshots.pt")
     return summary
+
+
+def _describe(row: dict) -> str:
+    """One log line of the headline columns of a metrics row."""
+    keys = ("step", "loss", "K_emp", "K_pred", "train_loss", "train_acc", "test_loss", "test_acc")
+    return ", ".join(f"{k} {row[k]:.6g}" if isinstance(row[k], float) else f"{k} {row[k]}"
+                     for k in keys if k in row)
 
 
 def _eval_row(model, train_set, test_set, device, spec: TrainSpec) -> dict:

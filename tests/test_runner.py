@@ -6,6 +6,7 @@ import sys
 import time
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from experiments.runner import CONF_DIR
 
@@ -31,11 +32,21 @@ def test_single_run_writes_the_contract(lipexp_cli):
     assert status["data_source"] == "mirror:mnist.npz"
     df = pd.read_parquet(run / "metrics.parquet")
     assert {"step", "t", "loss", "K_emp", "sigma1/1.weight"} <= set(df.columns)
+    log_text = (run / "run.log").read_text()
+    assert "final: step" in log_text and "completed in" in log_text, log_text
     md = (fig / "summary.md").read_text()
     assert "smoke" in md and "mirror:mnist.npz" in md
     # rerunning the same command finds the completed run and does not train again
     again = lipexp_cli(*MNIST)
     assert "already completed" in again.stdout + again.stderr
+    # a run made with other settings (here: an older profile with fewer steps) is archived and redone
+    saved = OmegaConf.load(run / "config.yaml")
+    saved.train.steps += 1
+    OmegaConf.save(saved, run / "config.yaml")
+    redo = lipexp_cli(*MNIST)
+    assert "made with other settings (train.steps)" in redo.stdout + redo.stderr
+    (old,) = run.glob("previous-*")
+    assert (old / "metrics.parquet").exists() and json.loads((run / "status.json").read_text())["status"] == "completed"
 
 
 def test_sigterm_then_rerun_resumes_exactly(lipexp_cli, mirror, data_root):
@@ -55,6 +66,8 @@ def test_sigterm_then_rerun_resumes_exactly(lipexp_cli, mirror, data_root):
         assert proc.returncode != 0, out
     lipexp_cli(*args, "seed.sampling=8")
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    if status["status"] == "interrupted":
+        assert "resuming from the checkpoint at step" in (run_dir / "run.log").read_text()
     df = pd.read_parquet(run_dir / "metrics.parquet")
     assert list(df["step"]) == list(range(0, 150, 3)) + [150]
     # the interrupted-and-resumed run equals an uninterrupted run of the same command, row for row
