@@ -27,7 +27,8 @@ help: ## list the targets
 
 install: $(STAMP) ## create .venv and install lipexp (editable) with its extras
 
-$(STAMP): pyproject.toml
+# The Makefile is a prerequisite too: it names EXTRAS, and a venv made before an extra was added must get it.
+$(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'

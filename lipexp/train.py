@@ -353,8 +353,9 @@ def train(
 def _describe(row: dict) -> str:
     """One log line of the headline columns of a metrics row."""
     keys = ("step", "loss", "K_emp", "K_pred", "train_loss", "train_acc", "test_loss", "test_acc")
-    return ", ".join(f"{k} {row[k]:.6g}" if isinstance(row[k], float) else f"{k} {row[k]}"
-                     for k in keys if k in row)
+    # The final row has no step loss (no update follows it); NaN there would read like a divergence.
+    shown = [k for k in keys if k in row and not (isinstance(row[k], float) and math.isnan(row[k]))]
+    return ", ".join(f"{k} {row[k]:.6g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in shown)
 
 
 def _eval_row(model, train_set, test_set, device, spec: TrainSpec) -> dict:
