@@ -17,10 +17,13 @@ from omegaconf import OmegaConf
 
 from lipexp import results
 
+from .common import IGNORED_KEYS as NOT_RESULT_KEYS
 from .common import Run, collect_runs
 
 DEFAULT_METRICS = ["max_rel_err", "final_K_emp", "final_K_pred", "final_test_acc"]
-IGNORED_KEYS = ("results_dir", "data.root", "data.mirror", "data.cache_dir", "progress", "force", "resume")
+# Paths, bookkeeping flags and the figure's prose (title, claim, per-profile scales) differ between figures
+# without being settings of the runs; as columns they would bury the swept keys.
+IGNORED_KEYS = ("results_dir", "progress", "force", "resume", *sorted(NOT_RESULT_KEYS))
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:

@@ -40,6 +40,19 @@ def test_compare_table_has_one_row_per_run_and_the_swept_key(two_runs, tmp_path)
     assert table["final_K_emp"].nunique() == 2
 
 
+def test_compare_columns_skip_figure_prose_and_paths(tmp_path):
+    from omegaconf import OmegaConf
+
+    from experiments.common import Run
+
+    def run(name, lr, claim):
+        cfg = OmegaConf.create({"figure": {"id": name, "claim": claim, "title": name}, "optim": {"lr": lr},
+                                "data": {"mirror": f"/m/{name}"}, "results_dir": f"/r/{name}"})
+        return Run(tmp_path / name, cfg, {}, {})
+
+    assert compare.differing_keys([run("a", 0.1, "claim a"), run("b", 0.01, "claim b")]) == ["figure.id", "optim.lr"]
+
+
 def test_wandb_report_dry_run_structure(capsys):
     wandb_report.main(["--figure", "train", "--dry-run", "--group-by", "optim.lr"])
     spec = json.loads(capsys.readouterr().out)
