@@ -88,6 +88,18 @@ def test_sweep_goes_on_after_a_diverged_run(lipexp_cli):
     assert "did not complete" in md and "non-finite loss" in md
 
 
+def test_sweep_reports_a_dataset_it_cannot_get_as_skipped(lipexp_cli):
+    # CIFAR-100 is not in the offline mirror: its run is skipped with both ways to get it, the other completes
+    lipexp_cli("-m", "figure=train", "profile=smoke", "model=convnet", "tracker=sigma1", "data=cifar10,cifar100",
+               "data.download=false")
+    statuses = {r.name: json.loads((r / "status.json").read_text()) for r in _runs(lipexp_cli.results)}
+    assert sorted(s["status"] for s in statuses.values()) == ["completed", "skipped"]
+    (skipped,) = [s for n, s in statuses.items() if "cifar100" in n]
+    assert "data.download=true" in skipped["reason"] and "LIPEXP_DATA_MIRROR" in skipped["reason"]
+    md = (lipexp_cli.results / "train" / "summary.md").read_text()
+    assert "did not complete" in md and "skipped" in md and "cifar100" in md
+
+
 def test_submitit_local_multirun_aggregates_two_jobs(lipexp_cli):
     lipexp_cli("-m", *MNIST, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
                "seed.sampling=1,2", timeout=900)
