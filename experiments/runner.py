@@ -98,6 +98,21 @@ class AggregateOnMultirunEnd(Callback):
             log.exception("aggregation failed; the runs are saved, rerun with aggregate_only=true")
 
 
+def _record_invalid_job(cfg: DictConfig, err: Exception) -> None:
+    """One invalid combination in a sweep (e.g. ``model=mlp`` with ``data=cifar10``) is saved as an
+    ``invalid`` run with the reason, so that the other jobs and the figure's aggregation still happen."""
+    from lipexp import results
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    except Exception:  # the error may lie in an interpolation itself: keep the config as written
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
+    results.update_status(run_dir, status="invalid", reason=f"config error: {err}", profile=cfg.profile.name)
+    log.error("config error, job not run (the sweep goes on): %s", err)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from .common import run_job
@@ -106,6 +121,9 @@ def main(cfg: DictConfig) -> float | None:
         schema.validate(cfg)
         module = figure_module(cfg.figure.id)
     except schema.ConfigError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            _record_invalid_job(cfg, err)
+            return None
         print(f"lipexp: config error: {err}", file=sys.stderr)
         sys.exit(2)
     if cfg.aggregate_only:

@@ -100,6 +100,21 @@ def test_sweep_reports_a_dataset_it_cannot_get_as_skipped(lipexp_cli):
     assert "did not complete" in md and "skipped" in md and "cifar100" in md
 
 
+def test_sweep_records_an_invalid_combination_and_goes_on(lipexp_cli):
+    # model=mlp cannot take CIFAR images: that job is saved as invalid with the reason, the MNIST one runs,
+    # and the figure is still aggregated over both
+    lipexp_cli("-m", "figure=train", "profile=smoke", "model=mlp", "tracker=sigma1", "data=cifar10,mnist")
+    statuses = {r.name: json.loads((r / "status.json").read_text()) for r in _runs(lipexp_cli.results)}
+    assert sorted(s["status"] for s in statuses.values()) == ["completed", "invalid"]
+    (bad,) = [s for n, s in statuses.items() if "cifar10" in n]
+    assert "model=mlp expects 28x28" in bad["reason"]
+    md = (lipexp_cli.results / "train" / "summary.md").read_text()
+    assert "did not complete" in md and "invalid" in md
+    # a single (non-sweep) run with the same bad combination is still a one-line error before anything runs
+    single = lipexp_cli("figure=train", "profile=smoke", "model=mlp", "data=cifar10", check=False)
+    assert single.returncode == 2 and "config error: model=mlp expects 28x28" in single.stderr
+
+
 def test_submitit_local_multirun_aggregates_two_jobs(lipexp_cli):
     lipexp_cli("-m", *MNIST, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
                "seed.sampling=1,2", timeout=900)
