@@ -121,6 +121,19 @@ def with_tracker(cfg, mode: str, **train_overrides):
 THESIS_LR = 1e-3  # the thesis' SGD learning rate for the ConvNet figures (4.2-4.5, 4.8)
 
 
+def sampling_note(cfg) -> list[str]:
+    """How the mini-batches were drawn (``data.sampling``) and why it matters for spreads across seeds."""
+    if cfg.data.sampling == "iid":
+        return ["Mini-batches: iid (data.sampling=iid), each step's batch drawn with replacement independently "
+                "of the others, as the SDE assumes. With shuffled epochs (data.sampling=shuffle, the usual "
+                "loader) each epoch's batches together cover the training set, so the first-order sampling "
+                "noise cancels at every epoch's end and the spread of K across seeds shrinks there; in runs "
+                "of one or two epochs that hides most of the predicted spread."]
+    return ["Mini-batches: shuffled epochs (data.sampling=shuffle, the usual loader). The SDE assumes iid "
+            "batches (data.sampling=iid); with shuffling the spread of K across seeds shrinks near each "
+            "epoch's end."]
+
+
 def scale_note(cfg, batch: bool = True) -> list[str]:
     """A note on how a non-paper profile scales a ConvNet figure down (nothing for ``paper``).
 

@@ -71,6 +71,7 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
         steps=t.steps,
         lr=cfg.optim.lr,
         batch_size=cfg.data.batch_size,
+        sampling=cfg.data.sampling,
         optimizer=cfg.optim.name,
         momentum=cfg.optim.momentum,
         weight_decay=cfg.optim.weight_decay,

@@ -47,4 +47,4 @@ def aggregate(cfg, fig_dir, runs) -> None:
         ]
         table["final_K_emp_std_across_seeds"] = obs_std
         table["predicted_std_end"] = float(std.iloc[-1])
-    write_outputs(cfg, fig_dir, fig, table, runs, findings or ["no completed run"], notes=ch4.scale_note(cfg))
+    write_outputs(cfg, fig_dir, fig, table, runs, findings or ["no completed run"], notes=[*ch4.sampling_note(cfg), *ch4.scale_note(cfg)])

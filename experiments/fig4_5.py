@@ -49,4 +49,5 @@ def aggregate(cfg, fig_dir, runs) -> None:
     fig.tight_layout()
     write_outputs(cfg, fig_dir, fig, per_m, runs, findings or ["no completed run"],
                   notes=["Per-run rows (one per batch size and seed) are in the runs' summary.json; the table "
-                         "here aggregates over seeds at the last step.", *ch4.scale_note(cfg, batch=False)])
+                         "here aggregates over seeds at the last step.", *ch4.sampling_note(cfg),
+                         *ch4.scale_note(cfg, batch=False)])

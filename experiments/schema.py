@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 MODELS = ("convnet", "mlp", "convnet_ch5", "mlp_ch5")
 DATASETS = ("mnist", "cifar10", "cifar100")
 FILTERS = ("none", "lowpass", "highpass")
+SAMPLINGS = ("shuffle", "iid")  # lipexp.data.SAMPLINGS (not imported: the schema stays free of torch)
 PROFILES = ("smoke", "quick", "paper")
 
 
@@ -32,6 +33,7 @@ class DataConfig:
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
     batch_size: int = 256
+    sampling: str = "shuffle"  # shuffle (epoch permutations) | iid (independent batches, as the SDE assumes)
     label_noise: float = 0.0  # uniform label corruption of the training labels
     filter: str = "none"  # none | lowpass | highpass (Chapter 5 frequency datasets)
     cutoff: float = 1.0
@@ -141,6 +143,7 @@ def validate(cfg: DictConfig) -> None:
     _choice("model.name", cfg.model.name, MODELS)
     _choice("data.name", cfg.data.name, DATASETS)
     _choice("data.filter", cfg.data.filter, FILTERS)
+    _choice("data.sampling", cfg.data.sampling, SAMPLINGS)
     _choice("optim.name", cfg.optim.name, ("sgd", "adam"))
     _choice("tracker.mode", cfg.tracker.mode, ("off", "sigma1", "full"))
     _choice("train.grad_noise", cfg.train.grad_noise, ("none", "gaussian", "uniform"))

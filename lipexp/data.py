@@ -226,10 +226,25 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """Indices of the mini-batch of SGD step ``step`` (0-based): epochs of ``n // batch_size`` full batches."""
+SAMPLINGS = ("shuffle", "iid")
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int, sampling: str = "shuffle") -> torch.Tensor:
+    """Indices of the mini-batch of SGD step ``step`` (0-based), a function of (seed, step) only.
+
+    ``shuffle``: epochs of ``n // batch_size`` full batches of a fresh permutation (the usual loader).
+    ``iid``: every step draws ``batch_size`` indices uniformly with replacement, independently of other
+    steps: the i.i.d. mini-batches the SDE of Chapter 4 assumes. Under ``shuffle`` the batches of one
+    epoch together cover the data, so the first-order sampling noise cancels at each epoch's end and
+    the spread of K across sampling seeds collapses there; ``iid`` has no such boundary.
+    """
     if batch_size > n:
         raise ValueError(f"batch size {batch_size} exceeds the {n} training samples; lower data.batch_size")
+    if sampling == "iid":
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 500_009 * (int(step) + 1))
+        return torch.randint(n, (batch_size,), generator=g)
+    if sampling != "shuffle":
+        raise ValueError(f"unknown sampling '{sampling}'; choose one of {SAMPLINGS}")
     per_epoch = n // batch_size
     epoch, i = divmod(step, per_epoch)
     return epoch_permutation(n, seed, epoch)[i * batch_size : (i + 1) * batch_size]

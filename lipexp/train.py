@@ -26,7 +26,7 @@ from torch import nn
 
 from . import regularizers as reg
 from . import results
-from .data import Dataset, batch_indices, normalize
+from .data import SAMPLINGS, Dataset, batch_indices, normalize
 from .layers import k_emp, top_singular_values
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class TrainSpec:
     steps: int
     lr: float
     batch_size: int
+    sampling: str = "shuffle"  # shuffle (epoch permutations) | iid (independent batches, the SDE's model)
     optimizer: str = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -74,6 +75,7 @@ class TrainSpec:
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
             (self.batch_size >= 2, f"batch size must be >= 2 (gradient noise needs two samples), got {self.batch_size}"),
+            (self.sampling in SAMPLINGS, f"unknown sampling '{self.sampling}'; choose one of {SAMPLINGS}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer '{self.optimizer}'; choose one of {OPTIMIZERS}"),
             (self.tracker in TRACKERS, f"unknown tracker '{self.tracker}'; choose one of {TRACKERS}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
@@ -251,7 +253,7 @@ def train(
 
     with _stop_on_signals(flag):
         for step in range(start, spec.steps):
-            idx = batch_indices(n_train, spec.batch_size, spec.sampling_seed, step)
+            idx = batch_indices(n_train, spec.batch_size, spec.sampling_seed, step, spec.sampling)
             xb, yb = train_set.x[idx], train_set.y[idx]
             if spec.autoaugment:
                 xb = reg.autoaugment(xb, spec.autoaugment)

@@ -77,3 +77,16 @@ def test_batches_depend_only_on_seed_and_step():
     assert not torch.equal(a, D.batch_indices(1000, 64, seed=2, step=20))
     epoch = torch.cat([D.batch_indices(1000, 100, seed=1, step=s) for s in range(10)])
     assert torch.equal(epoch.sort().values, torch.arange(1000))  # one epoch visits every sample once
+
+
+def test_iid_batches_are_independent_draws_with_replacement():
+    a = D.batch_indices(1000, 100, seed=1, step=3, sampling="iid")
+    assert torch.equal(a, D.batch_indices(1000, 100, seed=1, step=3, sampling="iid"))
+    assert not torch.equal(a, D.batch_indices(1000, 100, seed=1, step=4, sampling="iid"))
+    assert not torch.equal(a, D.batch_indices(1000, 100, seed=2, step=3, sampling="iid"))
+    # an epoch's worth of iid draws covers about 1 - 1/e of the samples (shuffle covers all of them)
+    draws = torch.cat([D.batch_indices(1000, 100, seed=1, step=s, sampling="iid") for s in range(200)])
+    per_epoch = [draws[i:i + 1000].unique().numel() / 1000 for i in range(0, 20000, 1000)]
+    assert abs(sum(per_epoch) / len(per_epoch) - (1 - 1 / 2.718281828)) < 0.01
+    with pytest.raises(ValueError, match="unknown sampling 'bogus'"):
+        D.batch_indices(1000, 100, 1, 0, sampling="bogus")
