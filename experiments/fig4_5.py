@@ -1,6 +1,7 @@
 """Fig. 4.5: observed and predicted Var[K(t)] against the batch size M, and the fitted exponent p."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from . import ch4, plots
@@ -33,9 +34,17 @@ def aggregate(cfg, fig_dir, runs) -> None:
         per_m["p_predicted"] = p_pred
     if len(usable) >= 2:
         p_obs, r2_obs = ch4.fit_power(usable["batch_size"], usable["var_K_observed"])
+        se = ch4.sample_variance_slope_se(usable["batch_size"], usable["n_seeds"])
         findings.append(f"observed Var[K(T)] across {int(usable['n_seeds'].min())}-{int(usable['n_seeds'].max())} "
-                        f"sampling seeds ~ M^p: p = {p_obs:.3f} (R^2 {r2_obs:.3f})")
+                        f"sampling seeds ~ M^p: p = {p_obs:.3f} +- {se:.2f} (standard error of a sample variance "
+                        f"of that many seeds; R^2 {r2_obs:.3f})")
+        ratio = usable["var_K_observed"] / usable["var_K_predicted"]
+        gm, lse = ch4.log_ratio_mean_se(ratio, usable["n_seeds"])
+        findings.append(f"observed / predicted Var over the batch sizes: geometric mean {gm:.2f} (1 = the "
+                        f"prediction; 95% range from seed noise alone {gm * np.exp(-1.96 * lse):.2f}.."
+                        f"{gm * np.exp(1.96 * lse):.2f})")
         per_m["p_observed"] = p_obs
+        per_m["p_observed_se"] = se
     for _, row in per_m.iterrows():
         findings.append(f"M = {int(row['batch_size'])}: observed Var {row['var_K_observed']:.3g}, predicted "
                         f"{row['var_K_predicted']:.3g} ({int(row['n_seeds'])} seeds)")

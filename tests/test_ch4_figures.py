@@ -41,3 +41,23 @@ def test_figure_runs_end_to_end(lipexp_cli, fig):
         assert "p_predicted" in table.columns
     if fig in ("fig4_6", "fig4_7"):
         assert "predicted_EK" in table.columns and table["predicted_EK"].notna().all()
+
+
+def test_sample_variance_error_bars_match_monte_carlo():
+    # fig4_5 reports the observed exponent with a standard error and a bias-corrected obs/pred ratio:
+    # both must match the spread of sample variances of 4 Gaussian draws
+    import numpy as np
+
+    from experiments import ch4
+
+    rng = np.random.default_rng(0)
+    m, n = np.array([32, 64, 128]), [4, 4, 4]
+    slopes, log_ratios = [], []
+    for _ in range(3000):
+        v = np.array([np.var(rng.normal(0, (1 / k) ** 0.5, 4), ddof=1) for k in m])
+        slopes.append(ch4.fit_power(m, v)[0])
+        log_ratios.append(np.log(ch4.log_ratio_mean_se(v * m, n)[0]))
+    assert abs(np.mean(slopes) + 1) < 0.06
+    assert np.std(slopes) == pytest.approx(ch4.sample_variance_slope_se(m, n), rel=0.06)
+    assert abs(np.mean(log_ratios)) < 0.04
+    assert np.std(log_ratios) == pytest.approx(ch4.log_ratio_mean_se([1, 1, 1], n)[1], rel=0.06)
