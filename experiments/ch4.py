@@ -105,6 +105,18 @@ def sample_variance_slope_se(x, n_samples) -> float:
     return float(np.sqrt((d**2 * var_ly).sum()) / (d**2).sum())
 
 
+def variance_interval(s2, n_samples, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate 95% interval of the true variance behind sample variances ``s2`` of ``n_samples``
+    Gaussian draws (log-normal approximation of log s^2, with its bias removed)."""
+    import torch
+
+    k = np.asarray(n_samples, float) - 1.0
+    bias = torch.special.digamma(torch.as_tensor(k / 2, dtype=torch.float64)).numpy() - np.log(k / 2)
+    centre = np.log(np.asarray(s2, float)) - bias
+    half = z * np.sqrt(log_sample_variance_var(n_samples))
+    return np.exp(centre - half), np.exp(centre + half)
+
+
 def log_ratio_mean_se(ratio, n_samples) -> tuple[float, float]:
     """Geometric mean of observed/predicted sample variances, corrected for the bias of log s^2
     (E[log s^2 / sigma^2] = digamma(k/2) - log(k/2), k = n - 1: -0.37 at n = 4), and the standard error of
