@@ -341,10 +341,10 @@ def write_outputs(
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     prov = figure_provenance(cfg, runs)
-    fig.text(
-        0.995, 0.005,
+    fig.text(  # below the axes (bbox_inches="tight" keeps it), so it never covers an x label
+        0.995, -0.005,
         f"lipexp {cfg.figure.id} | profile {prov['profile']} | data {prov['data_source']} | commit {prov['commit'][:10]}",
-        ha="right", va="bottom", fontsize=6, color="0.4",
+        ha="right", va="top", fontsize=6, color="0.4",
     )
     for ext in ("png", "pdf"):
         tmp = fig_dir / f".figure.tmp.{ext}"

@@ -27,11 +27,11 @@ def aggregate(cfg, fig_dir, runs) -> None:
                         label="mean K_pred ± predicted std")
         ax.set_xlabel("t = step x lr")
         ax.set_ylabel("K_emp")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")  # K rises left to right: the upper left is free for the inset
         at = int(cfg.scale.inset_at)
         win = k[(k.index >= at) & (k.index < at + 50)]
         if len(win):
-            sub = plots.inset(ax)
+            sub = plots.inset(ax, (0.08, 0.52, 0.4, 0.38))
             for s in win.columns:
                 sub.plot(win.index, win[s], lw=0.8)
             sub.set_title(f"steps {at}-{at + 49}", fontsize=6)
