@@ -174,8 +174,19 @@ def _flat(node: Any, prefix: str) -> dict[str, Any]:
     return {prefix: node}
 
 
+def _schema_defaults() -> dict[str, Any]:
+    from . import schema
+
+    structured = OmegaConf.to_container(OmegaConf.structured(schema.Config), resolve=False)
+    return {k: v for key in RESULT_KEYS if isinstance(structured.get(key), dict) for k, v in
+            _flat(structured[key], key).items()}
+
+
 def config_changes(old: DictConfig, new: DictConfig) -> list[str]:
-    """Dotted keys whose values differ between a run's saved config and the one asked for now."""
+    """Dotted keys whose values differ between a run's saved config and the one asked for now.
+
+    A key the saved config lacks counts as its schema default: a run made before a setting existed ran
+    with the behaviour its default keeps, so adding a setting does not make every old run stale."""
     def flat(cfg):
         out = {}
         for key in RESULT_KEYS:
@@ -183,7 +194,10 @@ def config_changes(old: DictConfig, new: DictConfig) -> list[str]:
                 out.update(_flat(OmegaConf.to_container(cfg[key], resolve=True), key))
         return {k: v for k, v in out.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED_KEYS)}
     a, b = flat(old), flat(new)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    defaults = _schema_defaults()
+    missing = object()
+    return sorted(k for k in a.keys() | b.keys()
+                  if a.get(k, defaults.get(k, missing)) != b.get(k, defaults.get(k, missing)))
 
 
 def run_job(cfg: DictConfig, module, run_dir: Path) -> dict:

@@ -142,3 +142,17 @@ def test_launcher_configs_exist():
                               cwd=CONF_DIR.parent, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert "_target_" in proc.stdout
+
+
+def test_a_setting_added_later_does_not_make_old_runs_stale():
+    from experiments.common import config_changes
+
+    new = OmegaConf.create({"figure": {"id": "train", "title": "x"}, "data": {"name": "mnist", "batch_size": 64,
+                                                                             "sampling": "shuffle"}})
+    old = OmegaConf.create({"figure": {"id": "train", "title": "y"}, "data": {"name": "mnist", "batch_size": 64}})
+    # the saved run predates data.sampling and ran with what its default (shuffle) does; the title is prose
+    assert config_changes(old, new) == []
+    new.data.sampling = "iid"
+    assert config_changes(old, new) == ["data.sampling"]
+    new.data.sampling, new.data.batch_size = "shuffle", 128
+    assert config_changes(old, new) == ["data.batch_size"]
