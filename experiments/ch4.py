@@ -87,20 +87,22 @@ def fit_power(x, y) -> tuple[float, float]:
     return float(p), float(r2)
 
 
-def log_sample_variance_var(n_samples) -> np.ndarray:
-    """Var[log s^2] of a sample variance of n Gaussian draws: trigamma((n - 1) / 2) (log of a scaled chi^2;
-    the large-n value 2 / (n - 1) understates it by a third at n = 4)."""
+def log_sample_variance_moments(n_samples) -> tuple[np.ndarray, np.ndarray]:
+    """Bias E[log s^2 / sigma^2] = digamma(k/2) - log(k/2) and variance Var[log s^2] = trigamma(k/2),
+    k = n - 1, of the log of a sample variance of n Gaussian draws (log of a scaled chi^2; at n = 4 the
+    bias is -0.37 and the large-n variance 2 / k understates the true one by a third)."""
     import torch
 
-    k = torch.as_tensor(np.asarray(n_samples, float) - 1.0, dtype=torch.float64)
-    return torch.special.polygamma(1, k / 2).numpy()
+    k = np.asarray(n_samples, float) - 1.0
+    half = torch.as_tensor(k / 2, dtype=torch.float64)
+    return torch.special.digamma(half).numpy() - np.log(k / 2), torch.special.polygamma(1, half).numpy()
 
 
 def sample_variance_slope_se(x, n_samples) -> float:
     """Standard error of the slope of ``fit_power`` when each y is a sample variance of ``n_samples``
     Gaussian draws, propagated through the least-squares slope in log x."""
     lx = np.log(np.asarray(x, float))
-    var_ly = log_sample_variance_var(n_samples)
+    _, var_ly = log_sample_variance_moments(n_samples)
     d = lx - lx.mean()
     return float(np.sqrt((d**2 * var_ly).sum()) / (d**2).sum())
 
@@ -108,26 +110,17 @@ def sample_variance_slope_se(x, n_samples) -> float:
 def variance_interval(s2, n_samples, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
     """Approximate 95% interval of the true variance behind sample variances ``s2`` of ``n_samples``
     Gaussian draws (log-normal approximation of log s^2, with its bias removed)."""
-    import torch
-
-    k = np.asarray(n_samples, float) - 1.0
-    bias = torch.special.digamma(torch.as_tensor(k / 2, dtype=torch.float64)).numpy() - np.log(k / 2)
+    bias, var = log_sample_variance_moments(n_samples)
     centre = np.log(np.asarray(s2, float)) - bias
-    half = z * np.sqrt(log_sample_variance_var(n_samples))
-    return np.exp(centre - half), np.exp(centre + half)
+    return np.exp(centre - z * np.sqrt(var)), np.exp(centre + z * np.sqrt(var))
 
 
 def log_ratio_mean_se(ratio, n_samples) -> tuple[float, float]:
-    """Geometric mean of observed/predicted sample variances, corrected for the bias of log s^2
-    (E[log s^2 / sigma^2] = digamma(k/2) - log(k/2), k = n - 1: -0.37 at n = 4), and the standard error of
-    its log. 1 means the observed variances agree with the predicted ones."""
-    import torch
-
-    k = np.asarray(n_samples, float) - 1.0
-    bias = torch.special.digamma(torch.as_tensor(k / 2, dtype=torch.float64)).numpy() - np.log(k / 2)
+    """Geometric mean of observed/predicted sample variances, corrected for the bias of log s^2, and the
+    standard error of its log. 1 means the observed variances agree with the predicted ones."""
+    bias, var = log_sample_variance_moments(n_samples)
     lr = np.log(np.asarray(ratio, float)) - bias
-    var_lr = log_sample_variance_var(n_samples)
-    return float(np.exp(lr.mean())), float(np.sqrt(var_lr.sum()) / len(lr))
+    return float(np.exp(lr.mean())), float(np.sqrt(var.sum()) / len(lr))
 
 
 def monotone(x, y) -> tuple[bool, float]:
