@@ -1,14 +1,14 @@
 """What every figure shares: config -> data/model/TrainSpec, the job wrapper, run collection, outputs."""
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import logging
 import os
-import shutil
+import signal
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -96,15 +96,26 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
 
 # ---------------------------------------------------------------- loggers
 class WandbLogger:
-    """One W&B run per job: group = figure, name = run; offline when no API key is configured."""
+    """One W&B run per job: group = figure, name = run; offline when no API key is configured.
+
+    The run starts at the first logged row, so a job that fails before training leaves no W&B run. Its
+    id is fixed per run directory and attempt: a resumed run continues the same W&B run (rows reach
+    ``log`` once they are on disk, so no step is logged twice), while a run redone from scratch (after
+    ``force=true`` or archived files) gets a new id instead of logging its steps over the old ones.
+    """
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.run_dir, self.run = cfg, run_dir, None
+
+    def _start(self):
         import wandb
 
+        cfg, run_dir = self.cfg, self.run_dir
         mode = cfg.logger.mode
         if mode == "auto":
             mode = "online" if _wandb_has_key() else "offline"
-        run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        attempt = len(list(run_dir.glob("previous-*")))
+        run_id = hashlib.sha1(f"{run_dir.resolve()}#{attempt}".encode()).hexdigest()[:16]
         self.run = wandb.init(
             project=cfg.logger.project,
             entity=cfg.logger.entity,
@@ -120,9 +131,13 @@ class WandbLogger:
         )
 
     def log(self, row: dict) -> None:
+        if self.run is None:
+            self._start()
         self.run.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
 
     def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
         if summary:
             self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         self.run.finish(exit_code=exit_code)
@@ -149,14 +164,7 @@ def provenance(cfg: DictConfig) -> dict:
 
 def _archive_previous(run_dir: Path) -> None:
     """Move an earlier attempt's files into ``previous-<time>/`` (results are never deleted)."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    dest = run_dir / f"previous-{stamp}"
-    keep = {".hydra", "run.log"}
-    entries = [p for p in run_dir.iterdir() if p.name not in keep and not p.name.startswith("previous-")]
-    if entries:
-        dest.mkdir()
-        for p in entries:
-            shutil.move(str(p), dest / p.name)
+    results.archive_previous(run_dir)
 
 
 # What determines a run's numbers (where the data lives, the logger or the wording of a claim do not).
@@ -203,25 +211,53 @@ def config_changes(old: DictConfig, new: DictConfig) -> list[str]:
 def run_job(cfg: DictConfig, module, run_dir: Path) -> dict:
     """Run one job of a figure in ``run_dir`` with status bookkeeping; returns the run's summary.
 
-    A completed run is not redone (``force=true`` redoes it, keeping the old files); an unfinished one
-    resumes from its checkpoint unless ``resume=false``. A diverged or crashed job records why in
-    ``status.json``; inside a sweep the other jobs go on.
+    The run directory is locked for the whole job (a second process on it fails at once). A completed
+    run is not redone while its result files are all there and readable (``force=true`` redoes it,
+    keeping the old files); an unfinished one resumes from its checkpoint unless ``resume=false``. A
+    diverged or crashed job records why in ``status.json``; inside a sweep the other jobs go on.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with results.lock_run_dir(run_dir), _signals_interrupt():
+        return _run_job(cfg, module, run_dir)
+
+
+def _reuse_check(cfg: DictConfig, run_dir: Path) -> tuple[dict, str | None]:
+    """The saved status, and why the saved attempt cannot stand for this command (None if it can)."""
     status = results.read_status(run_dir)
     saved = run_dir / "config.yaml"
-    changed = config_changes(OmegaConf.load(saved), cfg) if status and saved.exists() else []
-    if changed:
-        # Same run directory, different settings (e.g. an edited profile): the old results no longer
-        # answer this command, so they are archived, never reused or resumed.
-        log.warning("%s was made with other settings (%s); archiving it and starting afresh", run_dir,
-                    ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else ""))
+    if not status:
+        return status, None
+    if saved.exists():
+        try:
+            old = OmegaConf.load(saved)
+        except Exception as err:
+            raise results.RunFileError(saved, f"not valid YAML: {str(err).splitlines()[0][:160]}") from None
+        changed = config_changes(old, cfg)
+        if changed:
+            # Same run directory, different settings (e.g. an edited profile): the old results no longer
+            # answer this command, so they are archived, never reused or resumed.
+            return status, "made with other settings (" + ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "") + ")"
+    if status.get("status") == "completed":
+        files = status.get("files") or ["config.yaml", results.SUMMARY_FILE]
+        problems = [p for p in (results.file_problem(run_dir / f) for f in files) if p]
+        if problems:
+            return status, "marked completed, but " + "; ".join(problems)
+    return status, None
+
+
+def _run_job(cfg: DictConfig, module, run_dir: Path) -> dict:
+    if cfg.force:
         _archive_previous(run_dir)
         status = {}
-    if status.get("status") == "completed" and not cfg.force:
+    else:
+        status, stale = _reuse_check(cfg, run_dir)
+        if stale:
+            log.warning("%s was %s; archiving it and starting afresh", run_dir, stale)
+            _archive_previous(run_dir)
+            status = {}
+    if status.get("status") == "completed":
         log.info("%s already completed; skipping (force=true reruns it)", run_dir)
         return results.read_json(run_dir / results.SUMMARY_FILE, {}) or {}
-    if cfg.force or (not cfg.resume and status):
+    if not cfg.resume and status:
         _archive_previous(run_dir)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     results.update_status(
@@ -248,6 +284,13 @@ def run_job(cfg: DictConfig, module, run_dir: Path) -> dict:
         results.update_status(run_dir, status="interrupted", reason=str(err) or "KeyboardInterrupt")
         log.error("interrupted; rerun the same command to resume from the last checkpoint")
         sys.exit(130)
+    except results.InputError as err:  # a file or value the user can fix: one line, no traceback
+        results.update_status(run_dir, status="failed", reason=str(err))
+        if _in_multirun():
+            log.error("job failed (the sweep goes on): %s", err)
+            return {}
+        print(f"lipexp: {err}", file=sys.stderr)
+        sys.exit(2)
     except Exception as err:
         reason = f"{type(err).__name__}: {err}"
         results.update_status(run_dir, status="failed", reason=reason, traceback=traceback.format_exc())
@@ -258,11 +301,32 @@ def run_job(cfg: DictConfig, module, run_dir: Path) -> dict:
     previous_wall = summary.pop("wall_time_s", None)
     wall = previous_wall if previous_wall is not None else time.time() - t0
     results.write_json(run_dir / results.SUMMARY_FILE, summary)
-    results.update_status(run_dir, status="completed", finished=results.now_iso(), wall_time_s=wall)
+    results.update_status(run_dir, status="completed", finished=results.now_iso(), wall_time_s=wall,
+                          files=results.result_files(run_dir))
     log.info("completed in %.1f s%s", wall, "".join(
         f"; {k} {summary[k]:.4g}" for k in ("max_rel_err", "final_K_emp", "final_test_acc")
         if isinstance(summary.get(k), (int, float))))
     return summary
+
+
+@contextmanager
+def _signals_interrupt():
+    """SIGINT/SIGTERM before the training loop (data loading, model set-up) stop the job as interrupted,
+    with a reason in status.json; the loop installs its own handler, which checkpoints first."""
+    def handler(signum, _frame):
+        raise Interrupted(f"received {signal.Signals(signum).name} before the training loop began")
+
+    installed = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            installed[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (a launcher's worker): no handler
+            pass
+    try:
+        yield
+    finally:
+        for sig, old in installed.items():
+            signal.signal(sig, old)
 
 
 def _in_multirun() -> bool:
@@ -328,15 +392,24 @@ class Run:
 
 
 def collect_runs(runs_dir: Path) -> list[Run]:
-    """Every run directory (one with a config.yaml) under ``runs_dir``, sorted by name."""
+    """Every run directory (one with a config.yaml) under ``runs_dir``, sorted by name.
+
+    A run whose config, status or summary cannot be read is kept with status ``unreadable`` and the
+    reason, so that the figure's other runs still aggregate and the summary lists it."""
     out = []
     if not runs_dir.exists():
         return out
     for cfg_path in sorted(runs_dir.glob("*/config.yaml")):
         d = cfg_path.parent
-        out.append(
-            Run(d, OmegaConf.load(cfg_path), results.read_status(d), results.read_json(d / results.SUMMARY_FILE, {}) or {})
-        )
+        try:
+            try:
+                config = OmegaConf.load(cfg_path)
+            except Exception as err:
+                raise results.RunFileError(cfg_path, f"not valid YAML: {str(err).splitlines()[0][:120]}") from None
+            out.append(Run(d, config, results.read_status(d), results.read_json(d / results.SUMMARY_FILE, {}) or {}))
+        except results.RunFileError as err:
+            log.error("%s", err)
+            out.append(Run(d, OmegaConf.create({}), {"status": "unreadable", "reason": str(err)}, {}))
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -75,6 +76,12 @@ def profile_runs_dir(cfg: DictConfig) -> Path:
     return figure_dir(cfg) / "runs" / cfg.profile.name
 
 
+def profile_output_dir(cfg: DictConfig) -> Path:
+    """Where the figure of this profile goes: one folder per profile, so that a smoke run never
+    overwrites the quick or paper figure (the gallery shows the best profile there is)."""
+    return figure_dir(cfg) / cfg.profile.name
+
+
 def aggregate(cfg: DictConfig) -> None:
     """Rebuild the figure (figure.png/pdf, summary.csv/md) from every saved run of this profile."""
     from .common import collect_runs
@@ -84,8 +91,8 @@ def aggregate(cfg: DictConfig) -> None:
     if not runs:
         log.warning("no runs under %s: nothing to aggregate", profile_runs_dir(cfg))
         return
-    module.aggregate(cfg, figure_dir(cfg), runs)
-    log.info("figure written to %s", figure_dir(cfg))
+    module.aggregate(cfg, profile_output_dir(cfg), runs)
+    log.info("figure written to %s", profile_output_dir(cfg))
 
 
 class AggregateOnMultirunEnd(Callback):
@@ -129,13 +136,27 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.aggregate_only:
         aggregate(cfg)
         return None
+    from lipexp import results
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = run_job(cfg, module, run_dir)
-    if HydraConfig.get().mode != RunMode.MULTIRUN:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        summary = run_job(cfg, module, run_dir)
+    except results.InputError as err:  # a locked run dir, a corrupt run file: one line, nothing touched
+        if multirun:
+            log.error("job not run (the sweep goes on): %s", err)
+            return None
+        print(f"lipexp: {err}", file=sys.stderr)
+        sys.exit(2)
+    if not multirun:
         try:
             aggregate(cfg)
         except Exception:
             log.exception("aggregation failed; the run is saved, rerun with aggregate_only=true")
+        status = results.read_status(run_dir)
+        if status.get("status") != "completed":  # a diverged single run is a failed command
+            print(f"lipexp: run {status.get('status')}: {status.get('reason')}", file=sys.stderr)
+            sys.exit(1)
     return summary.get("max_rel_err") if summary else None
 
 
@@ -151,7 +172,43 @@ def cli() -> None:
         for fid, title in list_figures():
             print(f"{fid:<{width}}  {title}")
         return
+    overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    info_only = any(a in ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i") or a.startswith("--info")
+                    for a in sys.argv[1:])
+    try:
+        schema.check_override_keys(overrides)
+        if not info_only:
+            _check_writable(_override_value(overrides, "results_dir", "results"))
+    except schema.ConfigError as err:
+        print(f"lipexp: config error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+def _override_value(overrides: list[str], key: str, default: str) -> str:
+    for a in reversed(overrides):
+        k, _, v = a.partition("=")
+        if k.lstrip("+") == key:
+            return v
+    return default
+
+
+def _check_writable(folder: str) -> None:
+    """A results folder that cannot be written is one line before Hydra tries to create run dirs in it
+    (a write attempt, not permission bits: those say nothing for root or read-only mounts)."""
+    import tempfile
+
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".lipexp-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise schema.ConfigError(
+            f"cannot write to the results folder {path} ({err.strerror or err}); choose a writable folder "
+            "with results_dir=<path>"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ one line that names the key, the bad value and the valid choices.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -157,8 +161,13 @@ def validate(cfg: DictConfig) -> None:
     _positive("train.log_every", cfg.train.log_every)
     _positive("train.checkpoint_every", cfg.train.checkpoint_every)
     _positive("train.eval_every", cfg.train.eval_every, minimum=0)
-    if not cfg.optim.lr > 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr!r} is not valid; it must be > 0")
+    if not (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr)):
+        raise ConfigError(f"optim.lr={cfg.optim.lr!r} is not valid; it must be a finite number > 0")
+    for key in ("optim.momentum", "optim.weight_decay", "train.mixup_alpha", "train.fgsm_eps",
+                "train.label_smoothing", "train.grad_rho", "data.label_noise", "data.cutoff"):
+        group, name = key.split(".")
+        if not math.isfinite(cfg[group][name]):
+            raise ConfigError(f"{key}={cfg[group][name]!r} is not valid; it must be a finite number")
     for key in ("optim.momentum", "optim.weight_decay", "train.mixup_alpha", "train.fgsm_eps"):
         group, name = key.split(".")
         if cfg[group][name] < 0:
@@ -185,3 +194,76 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("model=mlp expects 28x28 grey images (MNIST); use data=mnist or model=convnet")
     if cfg.data.name == "mnist" and cfg.model.name in ("convnet", "convnet_ch5"):
         raise ConfigError(f"model={cfg.model.name} expects 32x32 RGB images; use data=cifar10/cifar100 or model=mlp")
+
+
+# ---------------------------------------------------------------- override keys, before Hydra composes
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+FREE_FORM = ("figure", "scale")  # per-figure settings: any key
+GROUPS = ("profile", "model", "data", "optim", "train", "tracker", "logger", "figure")
+
+
+def _valid_children(node: Any) -> list[str] | None:
+    """Field names of a schema node; None when the node takes any key."""
+    if dataclasses.is_dataclass(node):
+        return [f.name for f in dataclasses.fields(node)]
+    return None
+
+
+def _closest_first(name: str, choices: list[str]) -> list[str]:
+    close = difflib.get_close_matches(name, choices, n=len(choices), cutoff=0.0)
+    return close
+
+
+def check_override_keys(overrides: list[str]) -> None:
+    """Reject an override whose key the config does not have (``train.stepz=5``) or whose group option
+    does not exist (``model=resnet``), with one line naming the valid keys, closest match first.
+
+    Hydra would also refuse these, but in several lines that do not list the valid keys. ``+key=`` adds a
+    key on purpose and ``hydra.*`` belongs to Hydra: both are left to it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # a syntax error: Hydra's own message says where
+        return
+    for ov in parsed:
+        key = ov.key_or_group
+        if ov.is_add() or ov.is_force_add() or ov.is_delete() or key.split(".")[0].split("/")[0] == "hydra":
+            continue
+        if "/" in key:
+            continue  # a nested group (none of ours but hydra/...)
+        if key in GROUPS and ov.package is None and "." not in key:
+            _check_group_choice(key, ov)
+            continue
+        _check_dotted(key)
+
+
+def _check_group_choice(group: str, ov) -> None:
+    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    try:
+        values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.value()]
+    except Exception:
+        return
+    for v in values:
+        if isinstance(v, str) and options and v not in options:
+            raise ConfigError(
+                f"unknown {group} '{v}'; valid options of {group}: {', '.join(_closest_first(v, options))}"
+            )
+
+
+def _check_dotted(key: str) -> None:
+    node: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        children = _valid_children(node)
+        if children is None:
+            return
+        if part not in children:
+            where = ".".join(parts[:i])
+            of = f"of {where}" if where else "at the top level"
+            raise ConfigError(f"unknown key '{key}'; valid keys {of}: {', '.join(_closest_first(part, children))}")
+        if i == 0 and part in FREE_FORM:
+            return
+        f = {f.name: f for f in dataclasses.fields(node)}[part]
+        node = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        node = type(node) if dataclasses.is_dataclass(node) else None

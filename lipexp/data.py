@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,9 @@ import numpy as np
 import torch
 
 from .models import DATASET_STATS
+from .results import InputError
+
+log = logging.getLogger(__name__)
 
 DATASETS = ("mnist", "cifar10", "cifar100")
 NUM_CLASSES = {"mnist": 10, "cifar10": 10, "cifar100": 100}
@@ -74,6 +78,11 @@ def load_dataset(
     if split not in ("train", "test"):
         raise ValueError(f"unknown split '{split}'; choose 'train' or 'test'")
     root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise InputError(f"data root {root} is a file, not a folder; set data.root= (or LIPEXP_DATA_ROOT) to a folder")
+    if mirror and Path(mirror).exists() and not Path(mirror).is_dir():
+        raise InputError(f"data mirror {mirror} is a file, not a folder; point data.mirror= (or LIPEXP_DATA_MIRROR) "
+                         "at the folder that holds the npz files")
     if name in _EXTRA_LOADERS:
         x, y = _EXTRA_LOADERS[name](split, root, download)
         return Dataset(name, split, x, y, NUM_CLASSES[name], "custom-loader")
@@ -135,15 +144,26 @@ def _from_mirror(name: str, split: str, mirror: Path, cache_dir: Path):
     key = hashlib.sha1(f"{src.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
     cached = cache_dir / f"{name}_{split}_{key}.npz"
     if cached.exists():
-        with np.load(cached) as d:
-            return d["x"], d["y"]
-    with np.load(src) as d:
-        if name == "mnist":
-            x = d[f"x_{split}"][:, None]
-            y = d[f"y_{split}"].astype(np.int64)
-        else:
-            x = decode_jpeg_archive(d[f"{split}_jpeg"], d[f"{split}_offsets"])
-            y = d[f"{split}_labels"].astype(np.int64)
+        try:
+            with np.load(cached) as d:
+                return d["x"], d["y"]
+        except Exception as err:  # truncated or corrupt: decode again rather than fail on it forever
+            log.warning("decoded cache %s is unreadable (%s: %s); rebuilding it from %s",
+                        cached, type(err).__name__, err, src)
+            cached.unlink()
+    try:
+        with np.load(src) as d:
+            if name == "mnist":
+                x = d[f"x_{split}"][:, None]
+                y = d[f"y_{split}"].astype(np.int64)
+            else:
+                x = decode_jpeg_archive(d[f"{split}_jpeg"], d[f"{split}_offsets"])
+                y = d[f"{split}_labels"].astype(np.int64)
+    except Exception as err:
+        raise InputError(
+            f"mirror file {src} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); "
+            "copy it again from the mirror, or unset LIPEXP_DATA_MIRROR / data.mirror to use torchvision files"
+        ) from None
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
     np.savez(tmp, x=x, y=y)

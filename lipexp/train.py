@@ -32,6 +32,9 @@ from .layers import k_emp, top_singular_values
 log = logging.getLogger(__name__)
 
 TRACKERS = ("off", "sigma1", "full")
+SNAPSHOTS_FILE = "snapshots.pt"
+# What describes the run being made (written before train() by its caller): kept when an attempt is archived.
+RUN_DESCRIPTION = frozenset({"config.yaml", "status.json", "spec.json"})
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -183,11 +186,19 @@ def train(
 ) -> dict:
     """Train ``model`` in place with ``spec``; rows go to ``run_dir`` and to ``log_fn``. Returns the summary.
 
-    Resumes from ``run_dir/ckpt.pt`` when it exists. Raises ``Diverged`` or ``Interrupted`` after
-    recording the reason in ``status.json``.
+    Resumes from ``run_dir/ckpt.pt`` when it exists and every row logged before it is on disk;
+    otherwise the run is redone from step 0 with the old files moved to ``previous-<time>/``. Rows reach
+    ``log_fn`` when they are written (at each checkpoint and at the end), so each step is logged once
+    across a kill and a resume. The run directory is locked for the duration (``RunLocked`` if another
+    process has it). Raises ``Diverged`` or ``Interrupted`` after recording the reason in ``status.json``.
     """
     spec.validate()
     run_dir = Path(run_dir)
+    with results.lock_run_dir(run_dir):
+        return _train(model, train_set, test_set, spec, run_dir, device, log_fn)
+
+
+def _train(model, train_set, test_set, spec: TrainSpec, run_dir: Path, device, log_fn) -> dict:
     device = torch.device(device)
     model.to(device).train()
     opt = make_optimizer(model, spec)
@@ -210,21 +221,36 @@ def train(
 
     start, snapshots, wall_before = 0, [], 0.0
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"], gens)
-        if integrator is not None:
-            integrator.load_state_dict(ckpt["integrator"])
-            tracker.load_state_dict(ckpt["tracker"])
-        start, snapshots, wall_before = ckpt["step"], ckpt.get("snapshots", []), ckpt.get("wall_time_s", 0.0)
-        results.truncate_metrics(run_dir, before_step=start)
-        log.info("resuming from the checkpoint at step %d of %d", start, spec.steps)
+        ckpt = results.load_torch(ckpt_path, map_location=device)
+        lost = results.missing_rows(run_dir, ckpt["step"], spec.log_every)
+        if lost is not None:
+            # resuming would append to a table with a hole in it: redo the run, keeping the old files
+            dest = results.archive_previous(run_dir, keep=results.ATTEMPT_FILES | RUN_DESCRIPTION)
+            log.warning("%s: %s; redoing the run from step 0 (old files moved to %s)", run_dir, lost, dest.name)
+        else:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            _set_rng_state(ckpt["rng"], gens)
+            if integrator is not None:
+                integrator.load_state_dict(ckpt["integrator"])
+                tracker.load_state_dict(ckpt["tracker"])
+            start, wall_before = ckpt["step"], ckpt.get("wall_time_s", 0.0)
+            snapshots = [(int(st), v) for st, v in ckpt.get("snapshots", [])]
+            results.truncate_metrics(run_dir, before_step=start)
+            log.info("resuming from the checkpoint at step %d of %d", start, spec.steps)
     t0 = time.time()
 
-    def save_checkpoint(step: int, rows: list[dict]) -> None:
+    def flush(rows: list[dict]) -> None:
+        # log_fn sees a row only once it is on disk: a killed run is resumed from its last checkpoint, and
+        # rows logged past it would reach the logger (W&B) a second time
         results.append_metric_part(run_dir, rows)
+        if log_fn is not None:
+            for r in rows:
+                log_fn(r)
         rows.clear()
+
+    def save_checkpoint(step: int, rows: list[dict]) -> None:
+        flush(rows)
         state = {
             "step": step,
             "model": model.state_dict(),
@@ -276,7 +302,7 @@ def train(
             loss = losses.mean()
             if not torch.isfinite(loss):
                 reason = f"non-finite loss ({loss.item()}) at step {step}; lower optim.lr or check the data"
-                results.append_metric_part(run_dir, rows)
+                flush(rows)
                 results.update_status(run_dir, status="failed", reason=reason, steps_done=step)
                 if bar is not None:
                     bar.close()
@@ -292,7 +318,17 @@ def train(
             row = {"step": step, "t": step * spec.lr, "loss": loss.item()}
             if tracker is not None:
                 terms = tracker.end()
-                row.update(integrator.update(terms))
+                try:
+                    row.update(integrator.update(terms))
+                except OverflowError:  # exp(Z) out of float range: the weights blew up
+                    reason = (f"K(t) overflowed at step {step} (the run diverged: K_pred or its variance exceeds "
+                              f"float range); lower optim.lr")
+                    flush(rows)
+                    results.update_status(run_dir, status="failed", reason=reason, steps_done=step)
+                    if bar is not None:
+                        bar.close()
+                    tracker.close()
+                    raise Diverged(reason) from None
                 for name, t in terms.items():
                     row.update({f"{k}/{name}": v for k, v in t.items()})
             elif sig is not None:
@@ -304,8 +340,6 @@ def train(
                 log.info("%s", _describe(row))
             if log_now or tracker is not None:
                 rows.append(row)
-                if log_fn is not None:
-                    log_fn(row)
             if spec.snapshot_every and step % spec.snapshot_every == 0:
                 snapshots.append((step, torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu()))
             if bar is not None:
@@ -339,8 +373,6 @@ def train(
     final.update(_eval_row(model, train_set, test_set, device, spec))
     rows.append(final)
     log.info("final: %s", _describe(final))
-    if log_fn is not None:
-        log_fn(final)
     if tracker is not None:
         tracker.close()
     save_checkpoint(spec.steps, rows)
@@ -348,7 +380,7 @@ def train(
     summary = summarize(df, spec.lr)
     summary["wall_time_s"] = wall_before + time.time() - t0
     if snapshots:
-        torch.save(snapshots, run_dir / "snapshots.pt")
+        torch.save(snapshots, run_dir / SNAPSHOTS_FILE)
     return summary
 
 

@@ -16,7 +16,7 @@ COLUMNS = {
 
 
 def _outputs(results, fig):
-    d = results / fig
+    d = results / fig / "smoke"
     for name in ("figure.png", "figure.pdf", "summary.csv", "summary.md", "provenance.json"):
         assert (d / name).stat().st_size > 0, name
     md = (d / "summary.md").read_text()

@@ -8,7 +8,7 @@ CH4 = ["fig4_2", "fig4_8", "fig4_3", "fig4_4", "fig4_5", "fig4_6", "fig4_7", "fi
 
 
 def _check_outputs(results, fig):
-    d = results / fig
+    d = results / fig / "smoke"
     for name in ("figure.png", "figure.pdf", "summary.csv", "summary.md", "provenance.json"):
         assert (d / name).stat().st_size > 0, name
     md = (d / "summary.md").read_text()

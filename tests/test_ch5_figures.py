@@ -14,7 +14,7 @@ from lipexp import models
 
 
 def _outputs(results, fig):
-    d = results / fig
+    d = results / fig / "smoke"
     for name in ("figure.png", "figure.pdf", "summary.csv", "summary.md"):
         assert (d / name).stat().st_size > 0, f"{fig}: {name} missing or empty"
     return pd.read_csv(d / "summary.csv"), (d / "summary.md").read_text()

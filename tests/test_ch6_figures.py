@@ -49,7 +49,7 @@ def results_dir(tmp_path_factory):
 @pytest.mark.parametrize("fig", list(FIGURES))
 def test_figure_runs_end_to_end(fig, results_dir, mirror, data_root):
     run_lipexp(["-m", f"figure={fig}", "profile=smoke", "progress=false"], results_dir, mirror, data_root, env=ENV)
-    out = results_dir / fig
+    out = results_dir / fig / "smoke"
     for name in ("figure.png", "figure.pdf", "summary.csv", "summary.md", "provenance.json"):
         assert (out / name).stat().st_size > 0, name
     table = pd.read_csv(out / "summary.csv")

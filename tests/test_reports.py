@@ -21,8 +21,8 @@ def two_runs(tmp_path_factory, mirror, data_root):
 def test_gallery_lists_each_figure_with_claim_and_provenance(two_runs):
     report.main(["--results", str(two_runs)])
     text = (two_runs / "index.md").read_text()
-    prov = json.loads((two_runs / "train" / "provenance.json").read_text())
-    assert "![train](train/figure.png)" in text
+    prov = json.loads((two_runs / "train" / "smoke" / "provenance.json").read_text())
+    assert "![train](train/smoke/figure.png)" in text
     assert prov["claim"] in text and "profile `smoke`" in text and "mirror:mnist.npz" in text
     assert prov["commit"][:12] in text
     assert all(f"**Measured:** {f}" in text for f in prov["findings"])

@@ -21,7 +21,7 @@ def _runs(results, profile="smoke"):
 
 def test_single_run_writes_the_contract(lipexp_cli):
     lipexp_cli(*MNIST)
-    fig = lipexp_cli.results / "train"
+    fig = lipexp_cli.results / "train" / "smoke"
     for name in ("figure.png", "figure.pdf", "summary.csv", "summary.md"):
         assert (fig / name).stat().st_size > 0
     (run,) = _runs(lipexp_cli.results)
@@ -84,7 +84,7 @@ def test_sweep_goes_on_after_a_diverged_run(lipexp_cli):
     bad = [s for n, s in statuses.items() if "optim.lr=1000000.0" in n or "1e6" in n][0]
     assert bad["status"] == "failed" and "non-finite loss" in bad["reason"]
     assert sum(s["status"] == "completed" for s in statuses.values()) == 1
-    md = (lipexp_cli.results / "train" / "summary.md").read_text()
+    md = (lipexp_cli.results / "train" / "smoke" / "summary.md").read_text()
     assert "did not complete" in md and "non-finite loss" in md
 
 
@@ -96,7 +96,7 @@ def test_sweep_reports_a_dataset_it_cannot_get_as_skipped(lipexp_cli):
     assert sorted(s["status"] for s in statuses.values()) == ["completed", "skipped"]
     (skipped,) = [s for n, s in statuses.items() if "cifar100" in n]
     assert "data.download=true" in skipped["reason"] and "LIPEXP_DATA_MIRROR" in skipped["reason"]
-    md = (lipexp_cli.results / "train" / "summary.md").read_text()
+    md = (lipexp_cli.results / "train" / "smoke" / "summary.md").read_text()
     assert "did not complete" in md and "skipped" in md and "cifar100" in md
 
 
@@ -108,7 +108,7 @@ def test_sweep_records_an_invalid_combination_and_goes_on(lipexp_cli):
     assert sorted(s["status"] for s in statuses.values()) == ["completed", "invalid"]
     (bad,) = [s for n, s in statuses.items() if "cifar10" in n]
     assert "model=mlp expects 28x28" in bad["reason"]
-    md = (lipexp_cli.results / "train" / "summary.md").read_text()
+    md = (lipexp_cli.results / "train" / "smoke" / "summary.md").read_text()
     assert "did not complete" in md and "invalid" in md
     # a single (non-sweep) run with the same bad combination is still a one-line error before anything runs
     single = lipexp_cli("figure=train", "profile=smoke", "model=mlp", "data=cifar10", check=False)
@@ -120,7 +120,7 @@ def test_submitit_local_multirun_aggregates_two_jobs(lipexp_cli):
                "seed.sampling=1,2", timeout=900)
     runs = _runs(lipexp_cli.results)
     assert len(runs) == 2 and all(json.loads((r / "status.json").read_text())["status"] == "completed" for r in runs)
-    table = pd.read_csv(lipexp_cli.results / "train" / "summary.csv")
+    table = pd.read_csv(lipexp_cli.results / "train" / "smoke" / "summary.csv")
     assert len(table) == 2 and (table["status"] == "completed").all()
 
 
