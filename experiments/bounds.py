@@ -78,7 +78,7 @@ def _run(cfg, run_dir):
         torch.save(model.state_dict(), sub / "model.pt")
         results.write_json(sub / results.SUMMARY_FILE, trained)
     else:
-        model.load_state_dict(torch.load(sub / "model.pt", map_location="cpu"))
+        model.load_state_dict(results.load_torch(sub / "model.pt"))
     model = model.cpu().eval()
 
     n = min(int(cfg.scale.samples), len(test_set))

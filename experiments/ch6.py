@@ -252,7 +252,7 @@ def load_model(cfg: DictConfig, entry: Entry) -> tuple[nn.Module, dict]:
             model = _build_cifar(entry, int(cfg.seed.init))
             if info is None:
                 info = _train_cifar(cfg, entry, model, d, device)
-            model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
+            model.load_state_dict(results.load_torch(d / "model.pt"))
         else:
             model = _build_imagenet(cfg, entry)
             if info is None:

@@ -133,7 +133,32 @@ class WandbLogger:
     def log(self, row: dict) -> None:
         if self.run is None:
             self._start()
+            self._replay_before(int(row["step"]))
+        self._send(row)
+
+    def _send(self, row: dict) -> None:
         self.run.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+
+    def _replay_before(self, step: int) -> None:
+        """Send the rows on disk before ``step`` that W&B does not have yet.
+
+        A resumed job logs from its checkpoint on; the rows before it were sent by the killed attempt,
+        except what was still in flight when it died (W&B buffers in its own process). Online, the server
+        says how far it got (``run.step``); offline, the earlier attempts' files of this run id say it."""
+        df = results.read_metrics(self.run_dir)
+        if not len(df):
+            return
+        df = df[df["step"] < step]
+        if self.run.settings.mode == "offline":
+            have = set()
+            for f in self.run_dir.glob(f"wandb/offline-run-*-{self.run.id}/run-{self.run.id}.wandb"):
+                if Path(self.run.dir).resolve().parent != f.parent.resolve():
+                    have |= set(wandb_logged_steps(f))
+            df = df[~df["step"].isin(have)]
+        else:
+            df = df[df["step"] >= self.run.step]
+        for rec in df.to_dict("records"):
+            self._send({k: v for k, v in rec.items() if not (isinstance(v, float) and v != v)})
 
     def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
         if self.run is None:
@@ -141,6 +166,42 @@ class WandbLogger:
         if summary:
             self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         self.run.finish(exit_code=exit_code)
+
+
+def wandb_logged_steps(path: Path) -> list[int]:
+    """The steps of the history records in a W&B run file (``run-<id>.wandb``), in file order.
+
+    The file is W&B's record log (what ``wandb sync`` uploads): a 7-byte header, then 32 KiB blocks of
+    records (4-byte checksum, 2-byte length, 1-byte type: full, first, middle, last) holding protobuf
+    ``Record`` messages. A file cut off by a kill ends at its last whole record."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        return []
+    steps, pos, block, buf = [], 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # too little room for a record header: the writer padded to the next block
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if len(chunk) < length:
+            break
+        if kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+        elif kind in (1, 4):
+            rec = pb.Record()
+            try:
+                rec.ParseFromString(buf + chunk if kind == 4 else chunk)
+            except Exception:
+                break
+            if rec.WhichOneof("record_type") == "history":
+                steps.append(int(rec.history.step.num))
+    return steps
 
 
 def _wandb_has_key() -> bool:

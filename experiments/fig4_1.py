@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from lipexp import landscape, results
 from lipexp.data import normalize
 from lipexp.layers import k_emp, top_singular_values
-from lipexp.train import resolve_device, to_pixels, train
+from lipexp.train import SNAPSHOTS_FILE, resolve_device, to_pixels, train
 
 from . import plots
 from .common import build_model, load_data, train_spec, write_outputs
@@ -39,7 +39,7 @@ def run(cfg, run_dir):
             model = build_model(c, train_set.num_classes, train_set.x.shape[1])
             done = train(model, train_set, test_set, train_spec(c), sub, device)
             results.write_json(sub / results.SUMMARY_FILE, done)
-        snaps = torch.load(sub / "snapshots.pt", weights_only=False)
+        snaps = results.load_torch(sub / SNAPSHOTS_FILE)
         out[f"steps_{s}"] = np.array([-1] + [st for st, _ in snaps])  # -1 marks theta_0
         out[f"traj_{s}"] = torch.stack([theta0.float()] + [v for _, v in snaps]).numpy()
         summary[f"K_final_seed{s}"] = done["final_K_emp"]

@@ -96,7 +96,7 @@ def train_or_reuse(cfg, run_dir: Path, after) -> dict:
                           data_info={**train_set.info, "n_train": len(train_set), "n_test": len(test_set)})
     device = resolve_device(cfg.device)
     model = build_model(cfg, train_set.num_classes, in_channels=train_set.x.shape[1])
-    model.load_state_dict(torch.load(src / "model.pt", map_location=device, weights_only=True))
+    model.load_state_dict(results.load_torch(src / "model.pt", map_location=device))
     model.to(device)
     prior = results.read_json(src / results.SUMMARY_FILE, {}) or {}
     summary = {k: v for k, v in prior.items() if k == "steps" or k == "K0" or k.startswith(("final_", "int_"))}

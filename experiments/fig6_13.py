@@ -44,7 +44,7 @@ def aggregate(cfg, fig_dir, runs) -> None:
     df = ch6.load_table(r, TABLE) if r else pd.DataFrame()
     findings = []
     if r is not None:
-        ex = torch.load(r.path / IMAGES)
+        ex = results.load_torch(r.path / IMAGES)
         m = int(r.summary["num_bands"])
         models = list(dict.fromkeys(k for k, _ in ex))
         fig, axes = plt.subplots(len(models), 9, figsize=(16, 2.1 * len(models) + 0.4), squeeze=False)

@@ -51,7 +51,7 @@ def aggregate(cfg, fig_dir, runs) -> None:
     fig, axes = plots.grid(2**m, ncols=2 ** (m // 2), size=(2.2, 2.3))
     findings, table = [], pd.DataFrame()
     if r is not None:
-        coal = torch.load(r.path / IMAGES).float()
+        coal = results.load_torch(r.path / IMAGES).float()
         table = ch6.load_table(r, TABLE, dtype={"code": str})
         qcol = next((c for c in table.columns if c.startswith("log_q_")), None)
         for ax, (k, row) in zip(axes, table.iterrows()):

@@ -240,17 +240,21 @@ def _train(model, train_set, test_set, spec: TrainSpec, run_dir: Path, device, l
             log.info("resuming from the checkpoint at step %d of %d", start, spec.steps)
     t0 = time.time()
 
-    def flush(rows: list[dict]) -> None:
-        # log_fn sees a row only once it is on disk: a killed run is resumed from its last checkpoint, and
-        # rows logged past it would reach the logger (W&B) a second time
+    def flush(rows: list[dict], checkpoint_step: int | None = None) -> None:
+        # log_fn sees a row only once it and the checkpoint after it are on disk: a killed run resumes
+        # from its last checkpoint, and rows logged past it would reach the logger (W&B) a second time
         results.append_metric_part(run_dir, rows)
+        if checkpoint_step is not None:
+            write_checkpoint(checkpoint_step)
         if log_fn is not None:
             for r in rows:
                 log_fn(r)
         rows.clear()
 
     def save_checkpoint(step: int, rows: list[dict]) -> None:
-        flush(rows)
+        flush(rows, checkpoint_step=step)
+
+    def write_checkpoint(step: int) -> None:
         state = {
             "step": step,
             "model": model.state_dict(),
