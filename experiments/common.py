@@ -375,7 +375,8 @@ def _signals_interrupt():
     """SIGINT/SIGTERM before the training loop (data loading, model set-up) stop the job as interrupted,
     with a reason in status.json; the loop installs its own handler, which checkpoints first."""
     def handler(signum, _frame):
-        raise Interrupted(f"received {signal.Signals(signum).name} before the training loop began")
+        # a KeyboardInterrupt, not an Exception: data loaders catch Exception broadly and would swallow it
+        raise KeyboardInterrupt(f"received {signal.Signals(signum).name} before the training loop began")
 
     installed = {}
     for sig in (signal.SIGINT, signal.SIGTERM):

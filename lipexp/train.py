@@ -76,7 +76,10 @@ class TrainSpec:
     def validate(self) -> None:
         checks = [
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be a finite number > 0, got {self.lr}"),
+            (math.isfinite(self.momentum) and self.momentum >= 0, f"momentum must be finite and >= 0, got {self.momentum}"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight decay must be finite and >= 0, got {self.weight_decay}"),
             (self.batch_size >= 2, f"batch size must be >= 2 (gradient noise needs two samples), got {self.batch_size}"),
             (self.sampling in SAMPLINGS, f"unknown sampling '{self.sampling}'; choose one of {SAMPLINGS}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer '{self.optimizer}'; choose one of {OPTIMIZERS}"),

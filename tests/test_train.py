@@ -80,6 +80,11 @@ def test_spec_validation_is_explicit():
         _spec(batch_size=0).validate()
     with pytest.raises(ValueError, match="unknown tracker"):
         _spec(tracker="nope").validate()
+    for kw, msg in ((dict(lr=float("inf")), "learning rate must be a finite"), (dict(lr=float("nan")), "learning rate"),
+                    (dict(momentum=float("nan")), "momentum must be finite"),
+                    (dict(weight_decay=float("inf")), "weight decay must be finite")):
+        with pytest.raises(ValueError, match=msg):
+            _spec(**kw).validate()
 
 
 def test_evaluation_subset_is_not_the_first_samples_of_a_sorted_set():
