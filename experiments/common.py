@@ -1,11 +1,9 @@
 """What every figure shares: config -> data/model/TrainSpec, the job wrapper, run collection, outputs."""
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import logging
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -149,14 +147,7 @@ def provenance(cfg: DictConfig) -> dict:
 
 def _archive_previous(run_dir: Path) -> None:
     """Move an earlier attempt's files into ``previous-<time>/`` (results are never deleted)."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    dest = run_dir / f"previous-{stamp}"
-    keep = {".hydra", "run.log"}
-    entries = [p for p in run_dir.iterdir() if p.name not in keep and not p.name.startswith("previous-")]
-    if entries:
-        dest.mkdir()
-        for p in entries:
-            shutil.move(str(p), dest / p.name)
+    results.archive_previous(run_dir)
 
 
 # What determines a run's numbers (where the data lives, the logger or the wording of a claim do not).

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -176,3 +177,25 @@ def finalize_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
             p.unlink()
         parts_dir.rmdir()
     return df
+
+
+def archive_previous(run_dir: str | os.PathLike, keep: tuple[str, ...] = (".hydra", "run.log")) -> Path | None:
+    """Move an earlier attempt's files into ``run_dir/previous-<time>/`` (results are never deleted).
+
+    ``keep`` names entries left in place (Hydra's own folder, the log being written); earlier archives stay
+    where they are. Returns the archive folder, or None when there was nothing to move. The one rule for
+    a reused run directory, used by the ``lipexp`` command and by ``lipexp.train.train``.
+    """
+    run_dir = Path(run_dir)
+    entries = [p for p in run_dir.iterdir() if p.name not in keep and not p.name.startswith("previous-")]
+    if not entries:
+        return None
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest, i = run_dir / f"previous-{stamp}", 1
+    while dest.exists():  # two archives within a second
+        i += 1
+        dest = run_dir / f"previous-{stamp}-{i}"
+    dest.mkdir()
+    for p in entries:
+        shutil.move(str(p), dest / p.name)
+    return dest
