@@ -79,11 +79,6 @@ class BatchSource:
     _iter: Iterator | None = None
     _pos: int = 0  # batches a loader has yielded so far
 
-    def __len__(self) -> int:
-        if self.kind == "loader":
-            return len(self.data.dataset) if not isinstance(self.data.dataset, tud.IterableDataset) else -1
-        return len(self.data)
-
     def describe(self) -> dict:
         d = self.data.dataset if self.kind == "loader" else self.data
         out = {"kind": self.kind, "type": type(d).__name__}

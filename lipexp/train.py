@@ -208,7 +208,7 @@ def train(
     train_src = as_source(train_set, "training set")
     test_src = as_source(test_set, "test set") if test_set is not None else None
     check_data_options(spec, train_src, loss_fn)
-    start_run(run_dir, spec, device, {"train": train_src.describe(), "test": test_src and test_src.describe()})
+    start_run(run_dir, spec, device, {"train": train_src.describe(), "test": test_src.describe() if test_src else None})
     try:
         summary = _train(model, train_src, test_src, spec, run_dir, device, log_fn, loss_fn)
     except (Diverged, Interrupted):

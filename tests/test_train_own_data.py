@@ -182,3 +182,28 @@ def test_bad_inputs_say_what_to_do(tmp_path):
 def test_cuda_without_a_gpu_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="device 'cuda' was requested but CUDA is not available"):
         train(_mlp(), _tabular(), None, _spec(), tmp_path, device="cuda")
+
+
+def test_test_sets_as_loaders_are_evaluated_on_their_samples(tmp_path):
+    from torch.utils.data import IterableDataset
+
+    ds = _tabular(n=40)
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from zip(*ds.tensors)
+
+    model = _mlp()
+    spec = _spec(steps=1, tracker="off")
+    with pytest.raises(ValueError, match="IterableDataset, which has no indices.*DataLoader"):
+        train(model, Stream(), None, spec, tmp_path / "x")
+    for i, test in enumerate((DataLoader(ds, batch_size=7, shuffle=True), DataLoader(Stream(), batch_size=7))):
+        summary = train(_mlp(), ds, test, _spec(steps=1, tracker="off", eval_samples=30), tmp_path / str(i),
+                        loss_fn=_mse)
+        m = _mlp()  # the same model after its one step
+        m.load_state_dict(torch.load(tmp_path / str(i) / "ckpt.pt", weights_only=True)["model"])
+        # a map-style dataset: the seeded selection of 30 samples; a stream: its first 30
+        idx = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:30] if i == 0 else torch.arange(30)
+        with torch.no_grad():
+            want = _mse(m(ds.tensors[0][idx]), ds.tensors[1][idx]).mean().item()
+        assert summary["final_test_loss"] == pytest.approx(want, rel=1e-6)
