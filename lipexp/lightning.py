@@ -34,7 +34,8 @@ class LipschitzCallback(Callback):
     - ``log_layers``: also log the ``<term>/<param name>`` columns (else only K and the network sums).
     - ``prefix``: put before every logged name.
 
-    After training, ``callback.monitor.dataframe()`` holds the same rows as a table.
+    After training, ``callback.monitor.dataframe()`` holds the same rows as a table. Each ``fit`` starts a
+    new monitor, so the prediction of a resumed fit starts from the K at its start.
     """
 
     def __init__(self, lr: float | None = None, sigma1_only: bool = False, split: bool = False,
