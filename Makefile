@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= dev,cluster,reports,pretrained
+EXTRAS ?= dev,cluster,reports,pretrained,lightning
 LIPEXP := $(BIN)/lipexp
 # Use the offline data mirror next to the checkout when there is one and nothing else was chosen.
 ifeq ($(origin LIPEXP_DATA_MIRROR), undefined)

@@ -71,7 +71,8 @@ def _run(cfg, run_dir):
     results.update_status(run_dir, data_source=train_set.source)
     model = build_model(cfg, train_set.num_classes, train_set.x.shape[1])
     sub = run_dir / "train"
-    trained = results.read_json(sub / results.SUMMARY_FILE)
+    # train() writes its summary before the weights are saved here: both must be there to reuse the run
+    trained = results.read_json(sub / results.SUMMARY_FILE) if (sub / "model.pt").exists() else None
     if trained is None:
         trained = train(model, train_set, test_set, train_spec(cfg), sub, device)
         trained.pop("wall_time_s", None)

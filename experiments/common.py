@@ -223,11 +223,6 @@ def provenance(cfg: DictConfig) -> dict:
     }
 
 
-def _archive_previous(run_dir: Path) -> None:
-    """Move an earlier attempt's files into ``previous-<time>/`` (results are never deleted)."""
-    results.archive_previous(run_dir)
-
-
 # What determines a run's numbers (where the data lives, the logger or the wording of a claim do not).
 RESULT_KEYS = ("figure", "scale", "model", "data", "optim", "train", "tracker", "seed")
 IGNORED_KEYS = {"figure.title", "figure.claim", "figure.scales", "data.root", "data.mirror", "data.download",
@@ -307,19 +302,19 @@ def _reuse_check(cfg: DictConfig, run_dir: Path) -> tuple[dict, str | None]:
 
 def _run_job(cfg: DictConfig, module, run_dir: Path) -> dict:
     if cfg.force:
-        _archive_previous(run_dir)
+        results.archive_previous(run_dir)
         status = {}
     else:
         status, stale = _reuse_check(cfg, run_dir)
         if stale:
             log.warning("%s was %s; archiving it and starting afresh", run_dir, stale)
-            _archive_previous(run_dir)
+            results.archive_previous(run_dir)
             status = {}
     if status.get("status") == "completed":
         log.info("%s already completed; skipping (force=true reruns it)", run_dir)
         return results.read_json(run_dir / results.SUMMARY_FILE, {}) or {}
     if not cfg.resume and status:
-        _archive_previous(run_dir)
+        results.archive_previous(run_dir)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     results.update_status(
         run_dir, status="running", reason=None, started=results.now_iso(), **provenance(cfg)

@@ -10,5 +10,8 @@ The library holds the math and mechanisms and knows nothing of Hydra:
 - ``lipexp.frequency`` / ``lipexp.iaside`` / ``lipexp.perturbations`` / ``lipexp.zoo``: frequency filters,
   I-ASIDE Shapley values, perturbations and attacks, the Chapter 6 model zoo
 - ``lipexp.data``, ``lipexp.models``, ``lipexp.train``: datasets, thesis models, the SGD loop
+  (``lipexp.batches``: how it batches the project's datasets, any torch Dataset or a DataLoader)
+- ``lipexp.monitor``, ``lipexp.lightning``, ``lipexp.plots``: the tracker in your own loop, a PyTorch
+  Lightning callback, ``k_curves`` for your own run
 """
 __version__ = "0.1.0"

@@ -373,3 +373,5 @@ def finalize_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
     if parts_dir.exists():
         shutil.rmtree(parts_dir)  # the parts and any temporary file a killed writer left
     return df
+
+

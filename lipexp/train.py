@@ -8,6 +8,10 @@ dynamics (``lipexp.dynamics``) -> one metrics row.
 Rows are buffered and flushed to parquet parts together with a checkpoint, so a resumed run has exactly
 the rows of an uninterrupted one. SIGINT/SIGTERM checkpoint and stop; a non-finite loss stops the run
 with a reason. Nothing here knows about Hydra: the runner turns a config into a ``TrainSpec``.
+
+Any data and loss work too: ``train(model, TensorDataset(x, y), None, spec, run_dir, loss_fn=...)`` with a
+map-style torch Dataset or a DataLoader (``lipexp.batches``) and per-sample losses; the run directory then
+has the same files as a run of the ``lipexp`` command (``spec.json`` in place of ``config.yaml``).
 """
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ import logging
 import math
 import signal
 import time
+import traceback
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +31,8 @@ from torch import nn
 
 from . import regularizers as reg
 from . import results
-from .data import SAMPLINGS, Dataset, batch_indices, normalize
+from .batches import BatchSource, as_source, to_pixels
+from .data import SAMPLINGS, Dataset, normalize
 from .layers import k_emp, top_singular_values
 
 log = logging.getLogger(__name__)
@@ -98,12 +104,6 @@ class TrainSpec:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
-
-
-def to_pixels(xb: torch.Tensor, device) -> torch.Tensor:
-    """uint8 images -> float pixels in [0, 1]; float images (e.g. frequency-filtered) pass through."""
-    x = xb.to(device)
-    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -180,29 +180,143 @@ def _set_rng_state(state: dict, gens: dict[str, torch.Generator]) -> None:
 
 def train(
     model: nn.Module,
-    train_set: Dataset,
-    test_set: Dataset | None,
+    train_set,
+    test_set,
     spec: TrainSpec,
     run_dir: str | Path,
     device: torch.device | str = "cpu",
     log_fn: Callable[[dict], None] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """Train ``model`` in place with ``spec``; rows go to ``run_dir`` and to ``log_fn``. Returns the summary.
 
-    Resumes from ``run_dir/ckpt.pt`` when it exists and every row logged before it is on disk;
-    otherwise the run is redone from step 0 with the old files moved to ``previous-<time>/``. Rows reach
-    ``log_fn`` when they are written (at each checkpoint and at the end), so each step is logged once
-    across a kill and a resume. The run directory is locked for the duration (``RunLocked`` if another
-    process has it). Raises ``Diverged`` or ``Interrupted`` after recording the reason in ``status.json``.
+    ``train_set`` / ``test_set`` (``test_set`` may be None): a ``lipexp.data.Dataset``, any map-style
+    ``torch.utils.data.Dataset`` of ``(x, y)`` items, or a ``DataLoader`` (see ``lipexp.batches`` for how
+    each is batched and what resuming means for a loader). Batch dimension first; x and y of any shape.
+    The project's datasets are turned into standardised pixels; other data reaches the model unchanged.
+
+    ``loss_fn(outputs, targets)`` returns per-sample losses, shape ``(M,)`` or ``(M, ...)``: more than one
+    dimension is averaged over the non-batch dimensions (``nn.MSELoss(reduction='none')`` on
+    ``(M, D)`` targets gives each sample's mean squared error). The step minimises their mean.
+    Default: cross-entropy with ``spec.label_smoothing``. Mixup mixes the loss of both targets. Evaluation
+    reports the mean per-sample loss (``loss_fn``, default plain cross-entropy) and the accuracy where it
+    is defined (outputs ``(M, C)``, integer targets ``(M,)``).
+
+    The run directory gets the same contract as the ``lipexp`` command: ``spec.json`` (this spec),
+    ``status.json`` (running/completed/failed/interrupted, reason, commit, torch version, wall time),
+    ``metrics.parquet``, ``summary.json``, ``ckpt.pt``. It resumes from ``run_dir/ckpt.pt`` when that was
+    made with the same spec and every row logged before it is on disk; a directory made with another spec,
+    or missing rows, is archived under ``previous-<time>/`` and the run starts afresh. Rows reach ``log_fn``
+    when they and the checkpoint after them are written (at each checkpoint and at the end), so each step
+    is logged once across a kill and a resume. The run directory is locked for the duration
+    (``results.RunLocked`` if another process has it). Raises ``Diverged`` or ``Interrupted`` after
+    recording the reason.
     """
     spec.validate()
     run_dir = Path(run_dir)
+    device = resolve_device(str(device))
+    train_src = as_source(train_set, "training set")
+    test_src = as_source(test_set, "test set") if test_set is not None else None
+    check_data_options(spec, train_src, loss_fn)
     with results.lock_run_dir(run_dir):
-        return _train(model, train_set, test_set, spec, run_dir, device, log_fn)
+        start_run(run_dir, spec, device,
+                  {"train": train_src.describe(), "test": test_src.describe() if test_src else None})
+        try:
+            summary = _train(model, train_src, test_src, spec, run_dir, device, log_fn, loss_fn)
+        except (Diverged, Interrupted):
+            raise  # recorded where they happen
+        except BaseException as err:
+            interrupted = isinstance(err, KeyboardInterrupt)
+            results.update_status(run_dir, status="interrupted" if interrupted else "failed",
+                                  reason=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+            raise
+        results.write_json(run_dir / results.SUMMARY_FILE, {k: v for k, v in summary.items() if k != "wall_time_s"})
+        results.update_status(run_dir, status="completed", finished=results.now_iso(),
+                              wall_time_s=summary.get("wall_time_s"), steps_done=spec.steps)
+        return summary
 
 
-def _train(model, train_set, test_set, spec: TrainSpec, run_dir: Path, device, log_fn) -> dict:
-    device = torch.device(device)
+SPEC_FILE = "spec.json"
+# Settings that do not change a run's numbers: a run directory reused with only these changed resumes.
+SPEC_IGNORED = ("progress",)
+
+
+def check_data_options(spec: TrainSpec, src: BatchSource, loss_fn) -> None:
+    """Options that need the project's images or its default loss; one line when they do not apply."""
+    if spec.autoaugment and src.kind != "project":
+        raise ValueError("autoaugment works on the project's uint8 image datasets; put augmentation in your "
+                         "dataset's transform instead")
+    if spec.fgsm_eps > 0 and (src.kind != "project" or loss_fn is not None):
+        raise ValueError("fgsm_eps needs the project's image datasets (pixels in [0, 1]) and the default "
+                         "cross-entropy loss")
+    if src.kind == "loader" and src.data.batch_size is not None and src.data.batch_size != spec.batch_size:
+        raise ValueError(f"the training DataLoader yields batches of {src.data.batch_size} but spec.batch_size is "
+                         f"{spec.batch_size}; make them equal (spec.json records the run's batch size)")
+    if spec.label_smoothing > 0 and loss_fn is not None:
+        raise ValueError("label_smoothing applies to the default cross-entropy; with your own loss_fn put it "
+                         "there (e.g. nn.CrossEntropyLoss(reduction='none', label_smoothing=...))")
+
+
+def spec_changes(saved: dict, spec: TrainSpec) -> list[str]:
+    """Fields whose value differs between a saved spec (a dict) and ``spec``; a missing field counts as its
+    default (a spec saved before that field existed)."""
+    now = results._jsonable(asdict(spec))
+    defaults = results._jsonable({f.name: f.default for f in fields(TrainSpec) if f.default is not MISSING})
+    missing = object()
+    return [k for k in now if k not in SPEC_IGNORED and saved.get(k, defaults.get(k, missing)) != now[k]]
+
+
+def _saved_spec(run_dir: Path) -> dict | None:
+    saved = results.read_json(run_dir / SPEC_FILE)
+    ckpt = run_dir / results.CHECKPOINT_FILE
+    if saved is None and ckpt.exists():  # a run made before spec.json existed: its checkpoint has the spec
+        try:
+            saved = results.load_torch(ckpt).get("spec")
+        except results.RunFileError:  # unreadable: the resume says so, naming the file
+            saved = None
+    return saved
+
+
+def start_run(run_dir: Path, spec: TrainSpec, device: torch.device, data: dict) -> None:
+    """Archive a directory made with another spec, then write ``spec.json`` and a ``running`` status."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = _saved_spec(run_dir)
+    changed = spec_changes(saved, spec) if saved is not None else []
+    if changed:
+        # config.yaml belongs to the lipexp command, which has checked it already for this attempt
+        dest = results.archive_previous(run_dir, keep=results.ATTEMPT_FILES | {"config.yaml"})
+        now = asdict(spec)
+        log.warning("%s was made with other settings (%s); archived it under %s/ and starting afresh", run_dir,
+                    ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed[:6])
+                    + (" ..." if len(changed) > 6 else ""), dest.name if dest else "previous-<time>")
+    results.write_json(run_dir / SPEC_FILE, asdict(spec))
+    results.update_status(run_dir, status="running", reason=None, traceback=None, started=results.now_iso(),
+                          **results.git_info(), **results.environment_info(), device=str(device), data=data)
+
+
+def _step_losses(outputs, y, spec: TrainSpec, mix, loss_fn) -> torch.Tensor:
+    """Per-sample losses (M,) of the step (mixup: both targets' losses, mixed)."""
+    if loss_fn is None:
+        return reg.per_sample_cross_entropy(outputs, y, spec.label_smoothing, mix)
+    losses = per_sample_losses(loss_fn(outputs, y), outputs.shape[0])
+    if mix is not None:
+        y_b, lam = mix
+        losses = lam * losses + (1.0 - lam) * per_sample_losses(loss_fn(outputs, y_b), outputs.shape[0])
+    return losses
+
+
+def per_sample_losses(losses: torch.Tensor, m: int) -> torch.Tensor:
+    """``loss_fn``'s output -> (M,): the mean over any non-batch dimensions; one line if it is not per sample."""
+    if not torch.is_tensor(losses) or losses.dim() == 0 or losses.shape[0] != m:
+        shape = tuple(losses.shape) if torch.is_tensor(losses) else type(losses).__name__
+        raise ValueError(
+            f"loss_fn must return one loss per sample, shape ({m},) or ({m}, ...) (use reduction='none'); got {shape}"
+        )
+    return losses.reshape(m, -1).mean(1) if losses.dim() > 1 else losses
+
+
+def _train(model, train_src: BatchSource, test_src: BatchSource | None, spec: TrainSpec, run_dir: Path, device,
+           log_fn, loss_fn) -> dict:
     model.to(device).train()
     opt = make_optimizer(model, spec)
     gens = {"aux": torch.Generator().manual_seed(spec.aux_seed)}
@@ -274,8 +388,7 @@ def _train(model, train_set, test_set, spec: TrainSpec, run_dir: Path, device, l
         tmp.replace(ckpt_path)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    input_fn = lambda x: normalize(x, train_set.name)  # noqa: E731
-    n_train = len(train_set)
+    input_fn = train_src.input_fn
     rows: list[dict] = []
     flag: dict = {}
     bar = None
@@ -286,16 +399,17 @@ def _train(model, train_set, test_set, spec: TrainSpec, run_dir: Path, device, l
 
     with _stop_on_signals(flag):
         for step in range(start, spec.steps):
-            idx = batch_indices(n_train, spec.batch_size, spec.sampling_seed, step, spec.sampling)
-            xb, yb = train_set.x[idx], train_set.y[idx]
+            xb, yb = train_src.batch(step, spec.batch_size, spec.sampling_seed, spec.sampling)
             if spec.autoaugment:
                 xb = reg.autoaugment(xb, spec.autoaugment)
-            x = to_pixels(xb, device)
+            x = train_src.to_model(xb, device)
             y = yb.to(device)
             if spec.fgsm_eps > 0:
                 x = reg.fgsm(model, input_fn, x, y, spec.fgsm_eps)
             mix = None
             if spec.mixup_alpha > 0:
+                if not x.is_floating_point():
+                    raise ValueError(f"mixup needs float inputs; this training set gives {x.dtype}")
                 x, mix = reg.mixup(x, y, spec.mixup_alpha, gens["aux"])
 
             log_now = step % spec.log_every == 0
@@ -305,7 +419,7 @@ def _train(model, train_set, test_set, spec: TrainSpec, run_dir: Path, device, l
             elif spec.tracker == "sigma1" and log_now:
                 sig = top_singular_values(model)
             logits = model(input_fn(x))
-            losses = reg.per_sample_cross_entropy(logits, y, spec.label_smoothing, mix)
+            losses = _step_losses(logits, y, spec, mix, loss_fn)
             loss = losses.mean()
             if not torch.isfinite(loss):
                 reason = f"non-finite loss ({loss.item()}) at step {step}; lower optim.lr or check the data"
@@ -343,7 +457,7 @@ def _train(model, train_set, test_set, spec: TrainSpec, run_dir: Path, device, l
                 row["Z_emp"] = math.log(row["K_emp"])
                 row.update({f"sigma1/{k}": v for k, v in sig.items()})
             if spec.eval_every and step % spec.eval_every == 0:
-                row.update(_eval_row(model, train_set, test_set, device, spec))
+                row.update(_eval_row(model, train_src, test_src, device, spec, loss_fn))
                 log.info("%s", _describe(row))
             if log_now or tracker is not None:
                 rows.append(row)
@@ -377,7 +491,7 @@ def _train(model, train_set, test_set, spec: TrainSpec, run_dir: Path, device, l
         final.update({f"sigma1/{k}": v for k, v in sig.items()})
     if integrator is not None:
         final.update(integrator.prediction())
-    final.update(_eval_row(model, train_set, test_set, device, spec))
+    final.update(_eval_row(model, train_src, test_src, device, spec, loss_fn))
     rows.append(final)
     log.info("final: %s", _describe(final))
     if tracker is not None:
@@ -399,14 +513,41 @@ def _describe(row: dict) -> str:
     return ", ".join(f"{k} {row[k]:.6g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in shown)
 
 
-def _eval_row(model, train_set, test_set, device, spec: TrainSpec) -> dict:
+def _eval_row(model, train_src: BatchSource, test_src: BatchSource | None, device, spec: TrainSpec,
+              loss_fn=None) -> dict:
     out = {}
-    tr = evaluate(model, train_set, device, spec.eval_batch_size, spec.eval_samples)
-    out.update({"train_loss": tr["loss"], "train_acc": tr["acc"]})
-    if test_set is not None:
-        te = evaluate(model, test_set, device, spec.eval_batch_size, spec.eval_samples)
-        out.update({"test_loss": te["loss"], "test_acc": te["acc"]})
+    for prefix, src in (("train", train_src), ("test", test_src)):
+        if src is None:
+            continue
+        if src.kind == "project" and loss_fn is None:  # the thesis runs' path, unchanged
+            r = evaluate(model, src.data, device, spec.eval_batch_size, spec.eval_samples)
+        else:
+            r = evaluate_batches(model, src.eval_batches(spec.eval_batch_size, spec.eval_samples, device), loss_fn)
+        out.update({f"{prefix}_{k}": v for k, v in r.items()})
     return out
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, batches, loss_fn=None) -> dict:
+    """Mean per-sample loss over model-ready ``(x, y)`` batches (``loss_fn``, default cross-entropy), and
+    ``acc`` when every batch is classification (outputs ``(M, C)``, integer targets ``(M,)``)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n, classify = 0.0, 0, 0, True
+    for x, y in batches:
+        out = model(x)
+        m = out.shape[0]
+        losses = F.cross_entropy(out.float(), y, reduction="none") if loss_fn is None else loss_fn(out, y)
+        loss_sum += float(per_sample_losses(losses, m).double().sum())
+        n += m
+        classify = classify and (out.dim() == 2 and out.shape[1] > 1 and torch.is_tensor(y) and y.dim() == 1
+                                 and not y.is_floating_point() and not y.is_complex())
+        if classify:
+            correct += int((out.argmax(1) == y).sum())
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("the evaluation set is empty")
+    return {"loss": loss_sum / n, **({"acc": correct / n} if classify else {})}
 
 
 def summarize(df, lr: float) -> dict:
