@@ -812,17 +812,25 @@ def step_terms(
 
 
 def _sgd_update(ref: WeightRef, lr: float) -> torch.Tensor:
-    """``-lr * grad`` of a weight; for a parametrised one, the first-order change of the effective weight."""
+    """``-lr * grad`` of a weight; for a parametrised one, the first-order change of the effective weight
+    (called after the step's forward, so spectral_norm's vectors are those that forward used)."""
     raws = ref.raw_parameters()
     steps = [-lr * (p.grad if p.grad is not None else torch.zeros_like(p)) for p in raws]
     if not ref.parametrized:
         return steps[0]
     plist = ref.module.parametrizations[ref.attr]
     names = [n for n, _ in plist.named_parameters()]
+    def eff(*ps):
+        return torch.func.functional_call(plist, dict(zip(names, ps)), ())
+
+    training = plist.training
     with preserved_buffers(ref.module):
-        def eff(*ps):
-            return torch.func.functional_call(plist, dict(zip(names, ps)), ())
-        return torch.func.jvp(eff, tuple(p.detach() for p in raws), tuple(steps))[1]
+        plist.eval()  # the buffers as the step's forward left them, held: the gradient treats them as constants
+        try:  # double-backward jvp: forward-mode AD does not cover every parametrisation (spectral_norm)
+            with torch.enable_grad():
+                return torch.autograd.functional.jvp(eff, tuple(p.detach() for p in raws), tuple(steps))[1].detach()
+        finally:
+            plist.train(training)
 
 
 def network_sums(terms: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -80,7 +80,7 @@ class LinearHandler:
             if x.dim() < 2:
                 raise ValueError(f"layer '{sink.name}' got an unbatched input of shape {tuple(x.shape)}; "
                                  "the tracker needs a batch dimension")
-            bd = env.batch_dim
+            bd = env.batch_dim if x.dim() > 2 else 0  # a 2-d input is (batch, features)
             n, m = x.shape[-1], output.shape[-1]
             xs = _batch_first(x.detach(), bd)
             mb = xs.shape[0]
