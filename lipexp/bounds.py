@@ -607,10 +607,8 @@ def _leaf_factor(name, m, shape, tol, max_iter) -> dict:
                 "note": "sigma1 of the weight (exact)"}
     if isinstance(m, nn.modules.conv._ConvNd):
         n_in = math.prod(shape)
-        if n_in <= DENSE_LIMIT:  # small input: the operator's matrix, exactly (no iteration)
-            w = m.weight.detach().double()
-            eye = torch.eye(n_in, dtype=torch.float64).reshape(n_in, *shape)
-            mat = m._conv_forward(eye, w, None).reshape(n_in, -1)
+        if n_in <= DENSE_LIMIT and m.padding_mode == "zeros":  # small input: the operator's matrix, exactly
+            mat = _conv_dense(m, shape)
             gram = mat @ mat.T if mat.shape[0] <= mat.shape[1] else mat.T @ mat
             value = float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
             return {**row, "factor": value, "note": f"operator norm on input {tuple(shape)}, dense matrix (exact)"}
@@ -635,6 +633,37 @@ def _leaf_factor(name, m, shape, tol, max_iter) -> dict:
     except ValueError as e:
         raise _NoBound(str(e)) from None
     return {**row, "factor": f, "note": note}
+
+
+def _conv_dense(m: nn.modules.conv._ConvNd, shape) -> torch.Tensor:
+    """The matrix of a zero-padded ConvNd (no bias) on inputs ``shape`` (C, *spatial): (out*P, C*prod(spatial)).
+
+    Tap k at output position p reads input pixel q (or the padding): the block (p, q) adds W[:, :, k].
+    """
+    from lipexp.handlers import conv_geometry
+
+    geo = conv_geometry("conv", m)
+    spatial = shape[1:]
+    pads = [geo.pad[2 * (len(spatial) - 1 - d)] for d in range(len(spatial))]  # leading pad of each dim
+    outs = [(n + geo.pad[2 * (len(spatial) - 1 - d)] + geo.pad[2 * (len(spatial) - 1 - d) + 1]
+             - dl * (k - 1) - 1) // s + 1
+            for d, (n, k, s, dl) in enumerate(zip(spatial, geo.kernel, geo.stride, geo.dilation))]
+    w = m.weight.detach().double()  # (out, C/groups, *k)
+    g, cout, cin = m.groups, w.shape[0], shape[0]
+    a = torch.zeros(cout, math.prod(outs), cin, math.prod(spatial), dtype=torch.float64)
+    import itertools
+
+    for pi, p in enumerate(itertools.product(*[range(o) for o in outs])):
+        for k in itertools.product(*[range(kk) for kk in geo.kernel]):
+            q = [pp * s + kk * dl - pd for pp, kk, s, dl, pd in zip(p, k, geo.stride, geo.dilation, pads)]
+            if all(0 <= qq < n for qq, n in zip(q, spatial)):
+                qi = 0
+                for qq, n in zip(q, spatial):
+                    qi = qi * n + qq
+                for gi in range(g):  # block-diagonal over groups
+                    o0, o1, c0 = gi * cout // g, (gi + 1) * cout // g, gi * cin // g
+                    a[o0:o1, pi, c0:c0 + cin // g, qi] += w[(slice(o0, o1), slice(None)) + k]
+    return a.reshape(cout * math.prod(outs), -1)
 
 
 def _bound_rows(name, m, shapes, tol, max_iter) -> list[dict]:

@@ -64,3 +64,16 @@ def test_attention_has_no_bound():
         k_emp(top_singular_values(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))))  # a bound: silent
     with pytest.raises(ValueError, match="no weights"):
         k_emp({})
+
+
+@pytest.mark.parametrize("conv,shape", [(nn.Conv2d(3, 4, 3, stride=2, padding=1), (3, 5, 6)),
+                                         (nn.Conv2d(4, 6, 3, padding="same", dilation=2, groups=2), (4, 5, 5)),
+                                         (nn.Conv1d(2, 3, 4, stride=3, padding=2), (2, 11)),
+                                         (nn.Conv3d(2, 2, 2, padding=1), (2, 3, 2, 3))])
+def test_dense_conv_matrix_matches_the_convolution(conv, shape):
+    from lipexp.bounds import _conv_dense
+
+    conv = conv.double()
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    ref = conv._conv_forward(x, conv.weight, None).reshape(3, -1)
+    assert torch.allclose(x.reshape(3, -1) @ _conv_dense(conv, shape).T, ref, atol=1e-12)
