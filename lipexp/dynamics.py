@@ -10,6 +10,9 @@ Per step and per weight matrix W (m x n, Conv2d reshaped to out x in*kh*kw) with
   ``Sigma = grad_scale^2 * sum_i vec(G~_i) vec(G~_i)^T / (M (M-1)) + noise_var * I``, ``G~_i = G_i - mean G``,
   J and H the gradient and Hessian of ``s_1`` (thesis Lemmas 4.6.2, 4.6.3).
 
+Which weights, their matrix views and how each layer type's hooks produce the projections below:
+``lipexp.layers.find_weights`` and the handler registry ``lipexp.handlers.HANDLERS``.
+
 Nothing of size M*m*n is formed for these: hooks collect the per-sample projections ``a_i = G_i v_1``
 (length m) and ``b_i = G_i^T u_1`` (length n) from the forward/backward pass that makes the step
 (theory.md §2), and ``<H, G~ G~^T>`` needs only them and a Cholesky factor of
@@ -424,7 +427,14 @@ def _single_sample_nan(out: dict[str, dict[str, float]], layers: list[_Layer]) -
 
 
 class DynamicsTracker:
-    """Per-step sigma1, mu, kappa, lambda2 of every Linear/Conv2d weight of ``model``.
+    """Per-step sigma1, mu, kappa, lambda2 of every weight matrix of ``model``.
+
+    Weights: those of ``lipexp.layers.find_weights`` (Linear, Conv1d/2d/3d incl. grouped and depthwise as
+    the block-diagonal operator, Embedding, MultiheadAttention's ``in_proj_weight``/``q,k,v_proj_weight``
+    and ``out_proj.weight``, parametrised weights by their effective weight), each handled by its layer
+    type's handler in ``lipexp.handlers``; keys are ``named_parameters()`` names. A module called several
+    times in a step, or a weight shared by several modules (tied embeddings), gets the per-sample gradient
+    summed over its uses. ``tracker.skipped`` lists the parameters left out by rule, with why.
 
     Usage per training step (the loop backprops the *mean* of per-sample losses, or the sum with
     ``reduction='sum'``)::
@@ -449,12 +459,24 @@ class DynamicsTracker:
       ``lr/(2 s1) noise_var tr(H)`` to kappa (counted in the variance part: the noise is diagonal).
     - ``optimizer``: if given, it must be plain SGD (no momentum, nesterov or maximize; weight decay is
       fine): the SDE of the thesis models that update. Other optimisers raise unless ``sigma1_only``.
-      Without it the tracker trusts that the update is ``-lr * (grad_scale * grad + noise)`` plus
-      deterministic terms.
+    - ``check_update``: whether or not the optimizer is passed, ``end()`` checks that each weight moved by
+      ``-lr * .grad`` (``.grad`` as the loop left it: gradient scaling and injected noise included) plus a
+      weight-decay multiple of W, and refuses (ValueError) a momentum, Adam or any other update; the check
+      is exact to rounding. (Momentum equals SGD on its first step, so it is caught from the second.) Turn
+      off for a deliberate extra change of the weights (a projection after the step): the drift ``mu``
+      still uses the applied update exactly, but the noise terms then model an SGD step that was not taken.
+    - ``strict``: a weight of a layer type without a handler (LSTM, Bilinear, custom layers) is an error;
+      ``strict=False`` skips it (listed in ``tracker.skipped``), and K(t) then leaves it out.
+    - ``batch_dim``: the batch dimension of the inputs of Linear and Embedding layers of three or more
+      dimensions (1 for sequence-first models, e.g. ``nn.TransformerEncoderLayer(batch_first=False)``);
+      two-dimensional inputs are (batch, features), convolutions batch first, attention per its ``batch_first``.
+    - A batch of one sample: ``kappa`` and ``lambda2`` (and the split parts) need two and are NaN for that
+      step; sigma1 and mu are computed, and ``network_sums`` counts the NaN terms as 0.
     - ``sigma1_only``: track ``sigma1`` alone (no hooks), for any optimiser.
     - ``check_grad``: check (in ``end()``) that each weight's ``.grad`` after backward is the sum of what its
-      module's hooks saw (catches tied weights, weights used outside their module, gradients not
-      zeroed, a second backward). Turn off if the loss deliberately adds terms on the weights (an L2
+      modules' hooks saw (catches a weight used outside a registered module, e.g. ``F.linear(x, W.T)``,
+      gradients not zeroed, a second backward). Not done for parametrised weights (their effective
+      weight has no ``.grad``). Turn off if the loss deliberately adds terms on the weights (an L2
       penalty in the loss; the applied-update drift still handles it exactly).
     - ``chunk_elems``: memory budget (elements) of a chunk of per-sample gradients in the split.
     - ``linalg_threads``: CPU threads for the small float64 linear algebra of ``begin()``/``end()``
@@ -478,6 +500,7 @@ class DynamicsTracker:
         linalg_threads: int | None = 1,
         strict: bool = True,
         batch_dim: int = 0,
+        check_update: bool = True,
     ):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -495,7 +518,7 @@ class DynamicsTracker:
         self.check_grad, self.chunk_elems, self.linalg_threads = check_grad, chunk_elems, linalg_threads
         if batch_dim not in (0, 1):
             raise ValueError(f"batch_dim must be 0 (batch first) or 1 (sequence first), got {batch_dim}")
-        self.batch_dim = batch_dim
+        self.batch_dim, self.check_update = batch_dim, check_update
         refs, self.skipped = find_weights(model, strict)
         self.layers = [self._make_layer(ref) for ref in refs]
         if not self.layers:
@@ -636,7 +659,7 @@ class DynamicsTracker:
                     dw = updates[layer.name]
                 else:
                     dw = layer.ref.tensor().detach() - layer.snapshot
-                if updates is None or not layer.ref.parametrized:
+                if self.check_update and (updates is None or not layer.ref.parametrized):
                     self._check_update(layer, dw, lr)
                 names.append(layer.name)
                 rows.append(self._layer_terms(layer, layer.matrix(dw), lr))
@@ -722,16 +745,18 @@ class DynamicsTracker:
             g = layer.raw_grads.get(i, raws[i].grad)
             if g is None:
                 g = torch.zeros_like(d)
-            d, g, w0 = d.to(torch.float64).reshape(-1), g.to(torch.float64).reshape(-1), w0.to(torch.float64).reshape(-1)
-            r = d + step * g
-            ww = w0 @ w0
-            if ww > 0:
-                r = r - (r @ w0) / ww * w0  # the weight-decay part, -lr*wd*W
-            tol = 1e-3 * float(d.norm()) + 16 * torch.finfo(raws[i].dtype).eps * float(ww.sqrt()) + 1e-300
-            if float(r.norm()) > tol:
+            # in the weights' dtype (its own rounding, ~eps |W|, is inside the tolerance): cheap for big nets
+            d, g, w0 = d.reshape(-1), g.reshape(-1).to(d.dtype), w0.reshape(-1).to(d.dtype)
+            r = torch.add(d, g, alpha=step)
+            rw, ww, dd = torch.stack([r @ w0, w0 @ w0, d @ d]).double().tolist()
+            rr = float(r @ r)
+            if ww > 0:  # the weight-decay part, -lr*wd*W: |r - c w0|^2 = |r|^2 - (r.w0)^2/|w0|^2
+                rr = max(rr - rw * rw / ww, 0.0)
+            tol = 1e-3 * math.sqrt(dd) + 16 * torch.finfo(raws[i].dtype).eps * math.sqrt(ww) + 1e-300
+            if math.sqrt(rr) > tol:
                 raise ValueError(
                     f"weight '{layer.name}' moved by an update that is not -lr * grad (+ weight decay): relative "
-                    f"residual {float(r.norm()) / max(float(d.norm()), 1e-300):.3g}. The Chapter 4 prediction models "
+                    f"residual {math.sqrt(rr) / max(math.sqrt(dd), 1e-300):.3g}. The Chapter 4 prediction models "
                     "plain SGD; momentum, Adam and the like are refused: use torch.optim.SGD(momentum=0), or "
                     "DynamicsTracker(..., sigma1_only=True) to track sigma1 alone"
                 )
