@@ -19,9 +19,9 @@ brute-force test (tests/test_handlers.py).
 """
 from __future__ import annotations
 
-import math
 import types
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,6 @@ def _linear_use(sink, x, delta, wx, rows, elems_hint=None):
     """A linear map ``y_t = W[r0:r1] x_t`` over T positions per sample: x (M, T, n), delta (M, T, r),
     wx (M, T, m) = W x_t for all rows (or None)."""
     r0, r1 = rows
-    mb = x.shape[0]
     z = x @ sink.v1  # (M, T): x_t . v1
     du = delta @ sink.u1[r0:r1]  # (M, T): u1 . delta_t
     a = torch.einsum("mt,mtc->mc", z, delta)
@@ -55,7 +54,6 @@ def _linear_use(sink, x, delta, wx, rows, elems_hint=None):
         return (d2 * d2).T @ (x2 * x2), d2.T @ x2
 
     sink.add(rows, a, b, wb, per_sample, x.shape[2] * (r1 - r0), moments if x.shape[1] == 1 else None)
-    del mb
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,12 +428,14 @@ class MultiheadAttentionHandler:
 
         tracked_forward = _mha_forward_with(probe)
 
-        def forward(*args, **kwargs):
+        def forward(self, *args, **kwargs):
             q = args[0] if args else kwargs["query"]
-            state["bsz"] = 1 if q.dim() == 2 else q.shape[0 if module.batch_first else 1]
-            return tracked_forward(module, *args, **kwargs)
+            state["bsz"] = 1 if q.dim() == 2 else q.shape[0 if self.batch_first else 1]
+            return tracked_forward(self, *args, **kwargs)
 
-        module.forward = forward  # an instance attribute: removed by the handle
+        # an instance attribute, removed by the handle; a bound method, so that a deepcopy of the model made
+        # while tracking runs its own weights (the probe ignores weights that are not tracked)
+        module.forward = types.MethodType(forward, module)
 
         class _Handle:
             def remove(self):
@@ -468,5 +468,13 @@ def handler_for(module: nn.Module):
     return None
 
 
-Handler = object  # the protocol above: weights(module), check(name, module), install(module, sinks, env)
-del math
+class Handler(Protocol):
+    """What a layer handler provides (see the module docstring)."""
+
+    module_type: type
+
+    def weights(self, module: nn.Module) -> list[str]: ...
+
+    def check(self, name: str, module: nn.Module) -> None: ...
+
+    def install(self, module: nn.Module, sinks: dict, env) -> list: ...

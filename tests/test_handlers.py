@@ -296,3 +296,18 @@ def test_skipped_parameters_are_listed():
                      "enc.linear2.weight", "head.weight"]
     assert {"cls_token", "pos_embed", "norm.weight", "enc.norm1.weight"} <= {n for n, _ in skipped}
     check(model, *data((2, 4)))
+
+
+def test_deepcopy_while_tracking_runs_its_own_attention_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)).double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    tracker = DynamicsTracker(model, 0.1)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[0].self_attn.in_proj_weight.mul_(2.0)
+        ref = nn.Sequential(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)).double()
+        ref.load_state_dict(twin.state_dict())
+    assert torch.allclose(twin(x), ref(x), atol=1e-12)
+    tracker.close()
+    assert "forward" not in model[0].self_attn.__dict__
