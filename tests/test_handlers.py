@@ -256,6 +256,18 @@ def test_non_sgd_updates_are_refused_without_the_optimizer(make):
             opt.step()
             tracker.end()
     tracker.close()
+    tracker = DynamicsTracker(model, 0.05, check_update=False)  # deliberately off: the drift is still exact
+    x, y = data((4,), seed=9)
+    before = model[0].weight.detach().clone()
+    tracker.begin()
+    opt.zero_grad()
+    ce(model(x), y).mean().backward()
+    opt.step()
+    terms = tracker.end()
+    tracker.close()
+    svd = torch.linalg.svd(before)
+    dw = model[0].weight.detach() - before
+    assert rel(terms["0.weight"]["mu"], float(svd.U[:, 0] @ dw @ svd.Vh[0]) / (float(svd.S[0]) * 0.05)) <= 1e-10
 
 
 def test_sgd_with_weight_decay_float32_passes_the_update_check():
