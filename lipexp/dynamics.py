@@ -345,7 +345,9 @@ class _Layer:
         self.mb = mb
         self.grads += 1
         if self.grads > self.calls:
-            raise RuntimeError(f"layer '{self.name}' received a second gradient in one tracked step (backward run twice?)")
+            raise RuntimeError(
+                f"layer '{self.name}' received a second gradient in one tracked step (backward run twice?)"
+            )
         if mb < 2:  # the noise terms need 2 samples: skipped for this step (end() reports NaN)
             self.single = True
             return

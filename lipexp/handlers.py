@@ -271,7 +271,8 @@ class ConvHandler:
                                             stride=geo.stride)  # (s, n, P)
                         else:
                             p = _patches(xs[i:j], geo)
-                            cols = p.reshape(j - i, cin, du.shape[1], -1).transpose(2, 3).reshape(j - i, -1, du.shape[1])
+                            npos = du.shape[1]
+                            cols = p.reshape(j - i, cin, npos, -1).transpose(2, 3).reshape(j - i, -1, npos)
                         return torch.bmm(delta[i:j], cols.transpose(1, 2))  # (s, m, n)
 
                     n = sink.shape[1]

@@ -101,7 +101,8 @@ def find_weights(model: nn.Module, strict: bool = True) -> tuple[list[WeightRef]
             continue
         prefix = f"{mod_name}." if mod_name else ""
         for attr in handler.weights(module):
-            owner, leaf = (module, attr) if "." not in attr else (_get(module, attr.rsplit(".", 1)[0]), attr.rsplit(".", 1)[1])
+            path, _, leaf = attr.rpartition(".")
+            owner = _get(module, path) if path else module
             par = parametrize.is_parametrized(owner, leaf)
             if par:
                 if owner is not module:
