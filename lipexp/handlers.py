@@ -35,16 +35,21 @@ def _batch_first(t: torch.Tensor, batch_dim: int) -> torch.Tensor:
     return t if batch_dim == 0 else t.movedim(batch_dim, 0)
 
 
-def _linear_use(sink, x, delta, wx, rows, elems_hint=None):
-    """A linear map ``y_t = W[r0:r1] x_t`` over T positions per sample: x (M, T, n), delta (M, T, r),
-    wx (M, T, m) = W x_t for all rows (or None)."""
+def _linear_use(sink, x, delta, out, rows):
+    """A linear map ``y_t = W[r0:r1] x_t (+ bias)`` over T positions per sample: x (M, T, n), delta (M, T, r),
+    ``out = (y, bias)`` with y (M, T, m) the layer's output for all rows (or None: W b is then not known here)."""
     r0, r1 = rows
     z = x @ sink.v1  # (M, T): x_t . v1
     du = delta @ sink.u1[r0:r1]  # (M, T): u1 . delta_t
     a = torch.einsum("mt,mtc->mc", z, delta)
     b = torch.einsum("mt,mtn->mn", du, x)
-    # W b_i = sum_t (W x_t) du_t: from the layer's own output, no M x n x m product
-    wb = torch.einsum("mt,mtc->mc", du, wx) if wx is not None else None
+    # W b_i = sum_t (W x_t) du_t = sum_t y_t du_t - bias sum_t du_t: from the layer's output, no M x n x m product
+    wb = None
+    if out is not None:
+        y, bias = out
+        wb = torch.einsum("mt,mtc->mc", du, y)
+        if bias is not None:
+            wb = wb - du.sum(1, keepdim=True) * bias
 
     def per_sample(i, j):
         return delta[i:j].transpose(1, 2) @ x[i:j]  # (s, r, n)
@@ -83,9 +88,9 @@ class LinearHandler:
             xs = _batch_first(x.detach(), bd)
             mb = xs.shape[0]
             xs = xs.reshape(mb, -1, n)
-            y = _batch_first(output.detach(), bd).reshape(mb, -1, m)
-            wx = y - mod.bias.detach() if mod.bias is not None else y.clone()
-            version = x._version
+            y = _batch_first(output.detach(), bd).reshape(mb, -1, m)  # a view (batch first): no copy
+            bias = mod.bias.detach() if mod.bias is not None else None
+            version, out_version = x._version, output._version
 
             def grad_hook(g):
                 if not env.armed:
@@ -94,7 +99,9 @@ class LinearHandler:
                     raise RuntimeError(f"the input of layer '{sink.name}' was modified in place after its forward")
                 with torch.no_grad():
                     delta = _batch_first(g, bd).reshape(mb, -1, m)
-                    _linear_use(sink, xs, delta, wx, (0, m))
+                    # an in-place op on the output (ReLU(inplace=True)) after the forward: W b from b instead
+                    same = output._version == out_version
+                    _linear_use(sink, xs, delta, (y, bias) if same else None, (0, m))
                 return None
 
             output.register_hook(grad_hook)
@@ -409,11 +416,9 @@ class MultiheadAttentionHandler:
             n, r = x.shape[-1], out.shape[-1]
             xs = x.detach().reshape(-1, bsz, n).transpose(0, 1)  # (N, T, n)
             full = rows == (0, sink.shape[0])
-            wx = None
-            if full:
-                y = out.detach().reshape(-1, bsz, r).transpose(0, 1)
-                wx = y - b.detach() if b is not None else y.clone()
-            version = x._version
+            y = out.detach().reshape(-1, bsz, r).transpose(0, 1) if full else None
+            bias = b.detach() if b is not None else None
+            version, out_version = x._version, out._version
 
             def grad_hook(g):
                 if not env.armed:
@@ -421,7 +426,8 @@ class MultiheadAttentionHandler:
                 if x._version != version:
                     raise RuntimeError(f"an input of '{sink.name}' was modified in place after its forward")
                 with torch.no_grad():
-                    _linear_use(sink, xs, g.reshape(-1, bsz, r).transpose(0, 1), wx, rows)
+                    keep = full and out._version == out_version
+                    _linear_use(sink, xs, g.reshape(-1, bsz, r).transpose(0, 1), (y, bias) if keep else None, rows)
                 return None
 
             out.register_hook(grad_hook)
