@@ -5,6 +5,7 @@ The library holds the math and mechanisms and knows nothing of Hydra:
 - ``lipexp.bounds``: layer operator norms, network upper/lower Lipschitz bounds, K(0) at initialisation
 - ``lipexp.activations``: Lipschitz constants of activations (Table 2.1)
 - ``lipexp.dynamics``: per-layer drift mu, diffusion lambda, noise-curvature kappa, predicted K(t) (Chapter 4)
+- ``lipexp.layers`` / ``lipexp.handlers``: which weights K(t) tracks, and one tracker handler per layer type
 - ``lipexp.fourier``: spectral bound of K and frequency responses (Chapter 5)
 - ``lipexp.landscape``: loss/Lipschitz landscapes, Hessian sharpness
 - ``lipexp.frequency`` / ``lipexp.iaside`` / ``lipexp.perturbations`` / ``lipexp.zoo``: frequency filters,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -557,3 +558,176 @@ def init_k0(model_fn, init: str = "default", seeds=range(10)) -> dict:
                "measured_std": float(t.std()) if len(ks) > 1 else 0.0, "ratio": mean / pred_k,
                "seeds": len(seeds), "init": init}
     return {"layers": rows, "network": network}
+
+
+# ---------------------------------------------------------------------------------------------
+# A bound for the whole network (chains, residual blocks), or why there is none
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class NetworkBound:
+    """An upper bound of the l2 Lipschitz constant of a model in eval mode, and how it was built.
+
+    ``value`` is None when no bound applies, with ``reason``. ``parts``: the factors of the top-level
+    product, rows ``{name, type, factor, note}``; a residual block's row carries its ``branch`` and
+    ``shortcut`` rows.
+    """
+
+    value: float | None
+    method: str
+    parts: list[dict] = field(default_factory=list)
+    reason: str | None = None
+
+
+DENSE_LIMIT = 1024  # convolutions on inputs of at most this many entries: exact norm from the dense matrix
+
+
+class _NoBound(Exception):
+    pass
+
+
+_ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+              nn.TransformerDecoder, nn.Transformer)
+
+
+def _residual_types() -> tuple:
+    try:
+        from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+    except ImportError:  # torchvision is optional here
+        return (), ()
+    return (BasicBlock, Bottleneck), (ResNet,)
+
+
+def _leaf_factor(name, m, shape, tol, max_iter) -> dict:
+    row = {"name": name, "type": type(m).__name__}
+    if isinstance(m, nn.Linear):
+        w = m.weight.detach().double()
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        return {**row, "factor": float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt()),
+                "note": "sigma1 of the weight (exact)"}
+    if isinstance(m, nn.modules.conv._ConvNd):
+        n_in = math.prod(shape)
+        if n_in <= DENSE_LIMIT and m.padding_mode == "zeros":  # small input: the operator's matrix, exactly
+            mat = _conv_dense(m, shape)
+            gram = mat @ mat.T if mat.shape[0] <= mat.shape[1] else mat.T @ mat
+            value = float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
+            return {**row, "factor": value, "note": f"operator norm on input {tuple(shape)}, dense matrix (exact)"}
+        if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            value, it = conv2d_operator_norm(m, shape, tol, max_iter)
+        else:
+            w = m.weight.detach().double()
+            value, it = linear_map_norm(lambda x: m._conv_forward(x, w, None), shape, tol, max_iter)
+        return {**row, "factor": value, "note": f"operator norm on input {tuple(shape)}, power iteration ({it} it)"}
+    if isinstance(m, _BatchNorm):
+        f, note = _bn_factor(m)
+        if math.isnan(f):
+            raise _NoBound(f"BatchNorm '{name}' uses batch statistics: {note}")
+        return {**row, "factor": f, "note": note}
+    if isinstance(m, _ATTENTION):
+        raise _NoBound(f"'{name}' ({type(m).__name__}) is dot-product attention, which is not globally "
+                       "Lipschitz (Kim et al., 2021): no upper bound applies")
+    if isinstance(m, nn.Embedding):
+        raise _NoBound(f"'{name}' is an embedding: its input is discrete indices, no l2 Lipschitz constant")
+    try:
+        f, note = _other_factor(m, shape, tol, max_iter)
+    except ValueError as e:
+        raise _NoBound(str(e)) from None
+    return {**row, "factor": f, "note": note}
+
+
+def _conv_dense(m: nn.modules.conv._ConvNd, shape) -> torch.Tensor:
+    """The matrix of a zero-padded ConvNd (no bias) on inputs ``shape`` (C, *spatial): (out*P, C*prod(spatial)).
+
+    Tap k at output position p reads input pixel q (or the padding): the block (p, q) adds W[:, :, k].
+    """
+    from lipexp.handlers import conv_geometry
+
+    geo = conv_geometry("conv", m)
+    spatial = shape[1:]
+    pads = [geo.pad[2 * (len(spatial) - 1 - d)] for d in range(len(spatial))]  # leading pad of each dim
+    outs = [(n + geo.pad[2 * (len(spatial) - 1 - d)] + geo.pad[2 * (len(spatial) - 1 - d) + 1]
+             - dl * (k - 1) - 1) // s + 1
+            for d, (n, k, s, dl) in enumerate(zip(spatial, geo.kernel, geo.stride, geo.dilation))]
+    w = m.weight.detach().double()  # (out, C/groups, *k)
+    g, cout, cin = m.groups, w.shape[0], shape[0]
+    a = torch.zeros(cout, math.prod(outs), cin, math.prod(spatial), dtype=torch.float64)
+    import itertools
+
+    for pi, p in enumerate(itertools.product(*[range(o) for o in outs])):
+        for k in itertools.product(*[range(kk) for kk in geo.kernel]):
+            q = [pp * s + kk * dl - pd for pp, kk, s, dl, pd in zip(p, k, geo.stride, geo.dilation, pads)]
+            if all(0 <= qq < n for qq, n in zip(q, spatial)):
+                qi = 0
+                for qq, n in zip(q, spatial):
+                    qi = qi * n + qq
+                for gi in range(g):  # block-diagonal over groups
+                    o0, o1, c0 = gi * cout // g, (gi + 1) * cout // g, gi * cin // g
+                    a[o0:o1, pi, c0:c0 + cin // g, qi] += w[(slice(o0, o1), slice(None)) + k]
+    return a.reshape(cout * math.prod(outs), -1)
+
+
+def _bound_rows(name, m, shapes, tol, max_iter) -> list[dict]:
+    """Rows whose factors multiply to a bound of ``m`` (each row one factor of a chain)."""
+    blocks, nets = _residual_types()
+    if isinstance(m, _ATTENTION):
+        return [_leaf_factor(name, m, None, tol, max_iter)]
+    if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
+        out = []
+        for child_name, child in m.named_children():
+            out += _bound_rows(f"{name}.{child_name}" if name else child_name, child, shapes, tol, max_iter)
+        return out
+    if blocks and isinstance(m, nets):  # torchvision ResNet.forward: this chain (flatten is an isometry)
+        out = []
+        for key in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"):
+            out += _bound_rows(f"{name}.{key}" if name else key, getattr(m, key), shapes, tol, max_iter)
+        return out
+    if blocks and isinstance(m, blocks):  # relu(branch(x) + shortcut(x)): K <= K(branch) + K(shortcut)
+        keys = ("conv1", "bn1", "relu", "conv2", "bn2") + (("relu", "conv3", "bn3") if hasattr(m, "conv3") else ())
+        branch = [r for k in keys for r in _bound_rows(f"{name}.{k}", getattr(m, k), shapes, tol, max_iter)]
+        shortcut = ([] if m.downsample is None else
+                    _bound_rows(f"{name}.downsample", m.downsample, shapes, tol, max_iter))
+        kb, ks = math.prod(r["factor"] for r in branch), math.prod(r["factor"] for r in shortcut)
+        note = f"residual: K(shortcut) + K(branch) = {ks:.4g} + {kb:.4g}" + ("" if shortcut else " (identity)")
+        return [{"name": name, "type": type(m).__name__, "factor": ks + kb, "note": note, "branch": branch,
+                 "shortcut": shortcut}]
+    if any(True for _ in m.children()):
+        raise _NoBound(f"'{name or type(m).__name__}' ({type(m).__name__}) has submodules and its own forward: "
+                       "no rule to combine them (supported: nn.Sequential chains, torchvision ResNet blocks)")
+    if id(m) not in shapes:
+        raise _NoBound(f"module '{name}' was not called by the forward pass")
+    return [_leaf_factor(name, m, shapes[id(m)], tol, max_iter)]
+
+
+def network_bound(model: nn.Module, input_shape: tuple[int, ...], tol: float = TOL,
+                  max_iter: int = MAX_ITER) -> NetworkBound:
+    """Upper bound of the l2 Lipschitz constant of ``model`` (eval mode, float64 copy) on inputs ``input_shape``.
+
+    Built as: product of the factors of a feed-forward chain (nested ``nn.Sequential``); ``K(shortcut) +
+    K(branch)`` per residual block (torchvision ``BasicBlock``/``Bottleneck``: 1 + K(branch) with an
+    identity shortcut; ``ResNet`` itself as its chain); Linear layers by sigma1 of the weight; convolutions
+    by their true operator norm on the actual input size (power iteration to ``tol``; the reshaped weight's
+    sigma1 is not a bound), eval-mode BatchNorm by max |gamma| / sqrt(var + eps), activations and pools by
+    ``layer_bounds``' factors. ``value=None`` with a ``reason`` where no bound applies (attention,
+    embeddings, batch-statistics BatchNorm, an unknown composite module).
+    """
+    net = copy.deepcopy(model).double().eval()
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def record(mod, args):
+        if args and torch.is_tensor(args[0]):
+            shapes.setdefault(id(mod), tuple(args[0].shape[1:]))
+
+    hooks = [m.register_forward_pre_hook(record) for m in net.modules()]
+    try:
+        with torch.no_grad():
+            net(torch.zeros((1, *input_shape), dtype=torch.float64))
+    finally:
+        for h in hooks:
+            h.remove()
+    method = ("product over the chain; K(shortcut) + K(branch) per residual block; convolutions by their "
+              "operator norm (power iteration), Linear by sigma1, eval-mode BatchNorm by max |gamma|/sqrt(var+eps)")
+    try:
+        rows = _bound_rows("", net, shapes, tol, max_iter)
+    except _NoBound as e:
+        return NetworkBound(None, "none", [], str(e))
+    return NetworkBound(math.prod(r["factor"] for r in rows), method, rows, None)

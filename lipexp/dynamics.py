@@ -10,6 +10,9 @@ Per step and per weight matrix W (m x n, Conv2d reshaped to out x in*kh*kw) with
   ``Sigma = grad_scale^2 * sum_i vec(G~_i) vec(G~_i)^T / (M (M-1)) + noise_var * I``, ``G~_i = G_i - mean G``,
   J and H the gradient and Hessian of ``s_1`` (thesis Lemmas 4.6.2, 4.6.3).
 
+Which weights, their matrix views and how each layer type's hooks produce the projections below:
+``lipexp.layers.find_weights`` and the handler registry ``lipexp.handlers.HANDLERS``.
+
 Nothing of size M*m*n is formed for these: hooks collect the per-sample projections ``a_i = G_i v_1``
 (length m) and ``b_i = G_i^T u_1`` (length n) from the forward/backward pass that makes the step
 (theory.md §2), and ``<H, G~ G~^T>`` needs only them and a Cholesky factor of
@@ -56,7 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipexp.layers import weight_layers
+from lipexp.handlers import ConvGeom, conv_b_projection, conv_geometry
+from lipexp.layers import WeightRef, find_weights, group_blocks, preserved_buffers
 
 __all__ = [
     "DynamicsTracker",
@@ -246,127 +250,143 @@ def hessian_diagonal_dot(geo: OpNormGeometry, d: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-layer state and the hook computations
+# Per-weight state: the sink the layer handlers (lipexp.handlers) feed
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class _ConvGeom:
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    dilation: tuple[int, int]
-    pad: tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
-
-
-def _conv_geometry(name: str, mod: nn.Conv2d) -> _ConvGeom:
-    if mod.groups != 1:
-        raise ValueError(
-            f"layer '{name}' is a grouped Conv2d (groups={mod.groups}); its weight matrix is not the operator "
-            "of the layer and the tracker does not support it"
-        )
-    if mod.padding_mode != "zeros":
-        raise ValueError(
-            f"layer '{name}' uses padding_mode='{mod.padding_mode}'; the tracker supports zero padding only"
-        )
-    kh, kw = mod.kernel_size
-    dh, dw = mod.dilation
-    if isinstance(mod.padding, str):
-        if mod.padding == "valid":
-            ph, pw = (0, 0), (0, 0)
-        else:  # 'same' (stride 1): PyTorch puts the odd extra pixel on the bottom/right
-            th, tw = dh * (kh - 1), dw * (kw - 1)
-            ph, pw = (th // 2, th - th // 2), (tw // 2, tw - tw // 2)
-    else:
-        ph, pw = (mod.padding[0],) * 2, (mod.padding[1],) * 2
-    return _ConvGeom((kh, kw), tuple(mod.stride), (dh, dw), (pw[0], pw[1], ph[0], ph[1]))
-
-
-def conv_b_projection(
-    x: torch.Tensor, du: torch.Tensor, geo: _ConvGeom, cache: dict | None = None, method: str = "auto"
-) -> torch.Tensor:
-    """``b_i = G_i^T u1 = sum_p x_{i,p} du_{i,p}`` (M x C*kh*kw) for a Conv2d, from its input ``x``
-    (M x C x H x W) and ``du`` (M x Ho x Wo, ``u1 . delta`` at every output position).
-
-    It is the weight gradient of a one-output-channel convolution, per sample. Two exact routes:
-    ``"grouped"``: every (sample, channel) pair is its own group, correlated with the sample's ``du`` as
-    kernel, dilated by the stride (theory.md §2); cheap for few input channels. ``"scatter"``: scatter
-    ``du`` into a (M, kh*kw, H*W) matrix D (entry (k, q) holds du at the output position that reads input
-    pixel q through kernel tap k; taps landing in the zero padding are dropped), then one batched
-    product ``D x_i^T``; no padded copy of x, and it wins once C >= kh*kw. ``"auto"`` picks by that rule.
-    """
-    mb, c, h, w = x.shape
-    ho, wo = du.shape[1:]
-    (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.stride, geo.dilation
-    pl, pr, pt, pb = geo.pad
-    if method == "auto":
-        method = "scatter" if c >= kh * kw else "grouped"
-    if method == "scatter":
-        key = (h, w, ho, wo, du.device)
-        if cache is None or key not in cache:
-            ki, kj = (t.reshape(-1, 1) for t in torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij"))
-            oh, ow = (t.reshape(1, -1) for t in torch.meshgrid(torch.arange(ho), torch.arange(wo), indexing="ij"))
-            r, q = sh * oh + dh * ki - pt, sw * ow + dw * kj - pl  # input pixel read by tap k at output p
-            valid = (r >= 0) & (r < h) & (q >= 0) & (q < w)
-            tgt = (torch.arange(kh * kw).reshape(-1, 1) * (h * w) + r * w + q)[valid]
-            src = torch.arange(ho * wo).expand(kh * kw, -1)[valid]
-            entry = (tgt.to(du.device), src.to(du.device))
-            if cache is not None:
-                cache[key] = entry
-        else:
-            entry = cache[key]
-        tgt, src = entry
-        d = du.new_zeros(mb, kh * kw * h * w)
-        d.index_copy_(1, tgt, du.reshape(mb, -1).index_select(1, src))
-        out = torch.matmul(d.view(mb, kh * kw, h * w), x.reshape(mb, c, h * w).transpose(1, 2))  # (M, K, C)
-        return out.transpose(1, 2).reshape(mb, c * kh * kw)
-    kern = du.view(mb, 1, ho, wo).expand(mb, c, ho, wo).reshape(mb * c, 1, ho, wo)
-    if pl == pr and pt == pb:  # symmetric: let the convolution pad (no copy), drop unreached offsets
-        out = F.conv2d(x.reshape(1, mb * c, h, w), kern, dilation=(sh, sw), padding=(pt, pl), groups=mb * c)
-        out = out[..., : dh * (kh - 1) + 1, : dw * (kw - 1) + 1]
-    else:  # pad, and crop what the strided windows never reach, in one copy (negative pads crop)
-        hneed, wneed = sh * (ho - 1) + dh * (kh - 1) + 1, sw * (wo - 1) + dw * (kw - 1) + 1
-        xp = F.pad(x, (pl, pr - (w + pl + pr - wneed), pt, pb - (h + pt + pb - hneed)))
-        out = F.conv2d(xp.view(1, mb * c, hneed, wneed), kern, dilation=(sh, sw), groups=mb * c)
-    if dh > 1 or dw > 1:
-        out = out[..., ::dh, ::dw]
-    return out.reshape(mb, c * kh * kw)
+_ConvGeom = ConvGeom  # the old private names, for callers
+_conv_geometry = conv_geometry
 
 
 @dataclass
 class _Layer:
     name: str
-    module: nn.Module
-    param: nn.Parameter
-    geom: _ConvGeom | None  # None for Linear
+    ref: WeightRef
+    owner: "DynamicsTracker"
+    full_shape: tuple[int, int]  # the weight's matrix view, out x (in/groups * k)
+    dtype: torch.dtype
+    requires_grad: bool
     # set by begin()
     geo: OpNormGeometry | None = None
     s1: torch.Tensor | None = None  # 0-d float64
     u1: torch.Tensor | None = None  # (m,) model dtype
     v1: torch.Tensor | None = None  # (n,) model dtype
-    snapshot: torch.Tensor | None = None
+    group: int = 0  # grouped conv: the group whose block has the largest sigma1 (the operator's)
+    geo_group: int = -1  # the group ``geo`` belongs to (for the warm start)
+    snapshot: torch.Tensor | None = None  # the (effective) weight before the step, param shape
+    raw_snaps: list | None = None  # parametrised: the raw parameters before the step
     # per step, from the hooks
-    called: bool = False
-    expect_grad: bool = False
-    x: torch.Tensor | None = None
-    x_version: int = 0
-    z: torch.Tensor | None = None  # x_{i,p} . v1, (M, P)
-    a: torch.Tensor | None = None  # (M, m), reduced-loss scale
+    calls: int = 0  # forward calls with grad seen
+    grads: int = 0  # their output gradients received
+    mb: int | None = None
+    single: bool = False  # a 1-sample batch: no noise terms (they need 2 samples)
+    a: torch.Tensor | None = None  # (M, m), reduced-loss scale, summed over uses
     b: torch.Tensor | None = None  # (M, n)
-    wx: torch.Tensor | None = None  # Linear only: W x (the output without bias), (M, *, m)
-    wb: torch.Tensor | None = None  # Linear only: rows W b_i, (M, m)
+    wb: torch.Tensor | None = None  # rows W b_i, (M, m), when every use could give it
+    wb_ok: bool = True
     sumsq: torch.Tensor | None = None  # split only: sum_i G_i^2 (m, n)
     gsum: torch.Tensor | None = None  # split only: sum_i G_i (m, n)
+    gps: torch.Tensor | None = None  # split with several uses: per-sample gradients (M, m, n)
     grad_checked: bool = False
     grad_check: torch.Tensor | None = None  # (|grad v1 - sum_i a_i|, sum_i |a_i|)
+    raw_grads: dict = field(default_factory=dict)  # index in ref.raw_parameters() -> its .grad tensor
     handles: list = field(default_factory=list)
-    index_cache: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.param.shape[0], self.param[0].numel()
+        m, n = self.full_shape
+        return m // self.ref.groups, n
+
+    @property
+    def param(self) -> torch.Tensor | None:
+        """The leaf weight whose ``.grad`` is checked (None for a parametrised weight)."""
+        return None if self.ref.parametrized else self.ref.raw_parameters()[0]
+
+    def matrix(self, t: torch.Tensor) -> torch.Tensor:
+        """The tracked matrix of a weight-shaped tensor (grouped conv: the top group's block)."""
+        w = t.reshape(self.full_shape)
+        if self.ref.groups == 1:
+            return w
+        m = self.shape[0]
+        return w[self.group * m:(self.group + 1) * m]
 
     def clear_step(self) -> None:
-        self.called, self.expect_grad = False, False
-        self.x, self.z, self.a, self.b, self.wx, self.wb = (None,) * 6
-        self.sumsq, self.gsum, self.grad_checked, self.grad_check = None, None, False, None
+        self.calls, self.grads, self.mb, self.single = 0, 0, None, False
+        self.a, self.b, self.wb, self.wb_ok = None, None, None, True
+        self.sumsq, self.gsum, self.gps, self.grad_checked, self.grad_check = None, None, None, False, None
+        self.raw_grads = {}
+
+    # -- the sink interface of lipexp.handlers ----------------------------------------------------
+    def capture(self, module: nn.Module, output: torch.Tensor) -> bool:
+        """Whether to capture this forward call (armed, with grad, weight trainable); counts it."""
+        if not self.owner.armed or not torch.is_grad_enabled():
+            return False
+        if self.grads:
+            raise RuntimeError(
+                f"layer '{self.name}' was called twice with grad inside one tracked step, after its backward "
+                "(a second forward/backward between begin() and end()); the per-sample terms need one backward. "
+                "Run extra forwards (e.g. an adversarial attack) before begin() or under no_grad"
+            )
+        if not (output.requires_grad and self.requires_grad):
+            return False  # a frozen weight does not move: no noise terms
+        if output.dtype != self.dtype:
+            raise ValueError(
+                f"layer '{self.name}' computed in {output.dtype} with {self.dtype} weights (autocast?); "
+                "the tracker needs the forward in the weights' dtype"
+            )
+        self.calls += 1
+        return True
+
+    def add(self, rows, a, b, wb, per_sample, per_sample_elems, moments=None) -> None:
+        """One use's projections: a (M, r1-r0) for matrix rows ``rows``, b (M, n), wb (M, m) or None;
+        ``per_sample(i, j)`` gives that use's per-sample gradients (s, r1-r0, n) for the split."""
+        mb = a.shape[0]
+        if self.mb is not None and mb != self.mb:
+            raise RuntimeError(f"weight '{self.name}' was used with batch sizes {self.mb} and {mb} in one step; "
+                               "the per-sample gradient sums its uses sample by sample, so they must agree")
+        self.mb = mb
+        self.grads += 1
+        if self.grads > self.calls:
+            raise RuntimeError(
+                f"layer '{self.name}' received a second gradient in one tracked step (backward run twice?)"
+            )
+        if mb < 2:  # the noise terms need 2 samples: skipped for this step (end() reports NaN)
+            self.single = True
+            return
+        m, n = self.shape
+        r0, r1 = rows
+        full = (r0, r1) == (0, m)
+        if self.a is None:
+            self.a = a if full else a.new_zeros(mb, m).index_copy_(1, torch.arange(r0, r1, device=a.device), a)
+            self.b = b
+        else:
+            self.a[:, r0:r1] += a
+            self.b = self.b + b
+        if wb is None or not full:
+            self.wb_ok, self.wb = False, None
+        elif self.wb_ok:
+            self.wb = wb if self.wb is None else self.wb + wb
+        if not self.owner.split:
+            return
+        if self.calls == 1:  # one use: second moments directly, a chunk of samples at a time
+            if self.sumsq is None:
+                self.sumsq, self.gsum = a.new_zeros(m, n), a.new_zeros(m, n)
+            if moments is not None:
+                sq, s = moments()
+                self.sumsq[r0:r1] += sq
+                self.gsum[r0:r1] += s
+                return
+            step = _chunk(self.owner.chunk_elems, per_sample_elems, mb)
+            for i in range(0, mb, step):
+                g = per_sample(i, min(i + step, mb))
+                self.sumsq[r0:r1] += (g * g).sum(0)
+                self.gsum[r0:r1] += g.sum(0)
+            return
+        # several uses: G_i is their sum, so its squares need the per-sample gradients (M x m x n)
+        if self.gps is None:
+            self.gps = a.new_zeros(mb, m, n)
+        self.gps[:, r0:r1] += per_sample(0, mb)
+        if self.grads == self.calls:
+            self.sumsq, self.gsum = (self.gps * self.gps).sum(0), self.gps.sum(0)
+            self.gps = None
 
 
 @contextmanager
@@ -387,8 +407,36 @@ def _chunk(budget: int, per_sample: int, total: int) -> int:
     return max(1, min(total, budget // max(per_sample, 1)))
 
 
+def _top_group(w: torch.Tensor, groups: int, name: str) -> int:
+    """The group of a grouped conv whose block has the largest sigma1 (that of the block-diagonal operator)."""
+    blocks = group_blocks(w, groups).to(torch.float64)
+    gram = blocks @ blocks.transpose(1, 2) if blocks.shape[1] <= blocks.shape[2] else blocks.transpose(1, 2) @ blocks
+    top = torch.linalg.eigvalsh(gram)[:, -1]
+    two = top.topk(2).values
+    if float(two[0] - two[1]) <= 1e-12 * float(two[0]):
+        raise SpectrumError(f"weight '{name}': two groups share the top singular value of the block-diagonal "
+                            "operator (s1 is then not differentiable); perturb the weights")
+    return int(top.argmax())
+
+
+def _single_sample_nan(out: dict[str, dict[str, float]], layers: list[_Layer]) -> None:
+    """A 1-sample batch has no sample covariance: its kappa and lambda2 (and split parts) are NaN."""
+    for layer in layers:
+        if layer.single:
+            for k in out[layer.name]:
+                if k not in ("sigma1", "mu"):
+                    out[layer.name][k] = float("nan")
+
+
 class DynamicsTracker:
-    """Per-step sigma1, mu, kappa, lambda2 of every Linear/Conv2d weight of ``model``.
+    """Per-step sigma1, mu, kappa, lambda2 of every weight matrix of ``model``.
+
+    Weights: those of ``lipexp.layers.find_weights`` (Linear, Conv1d/2d/3d incl. grouped and depthwise as
+    the block-diagonal operator, Embedding, MultiheadAttention's ``in_proj_weight``/``q,k,v_proj_weight``
+    and ``out_proj.weight``, parametrised weights by their effective weight), each handled by its layer
+    type's handler in ``lipexp.handlers``; keys are ``named_parameters()`` names. A module called several
+    times in a step, or a weight shared by several modules (tied embeddings), gets the per-sample gradient
+    summed over its uses. ``tracker.skipped`` lists the parameters left out by rule, with why.
 
     Usage per training step (the loop backprops the *mean* of per-sample losses, or the sum with
     ``reduction='sum'``)::
@@ -413,12 +461,24 @@ class DynamicsTracker:
       ``lr/(2 s1) noise_var tr(H)`` to kappa (counted in the variance part: the noise is diagonal).
     - ``optimizer``: if given, it must be plain SGD (no momentum, nesterov or maximize; weight decay is
       fine): the SDE of the thesis models that update. Other optimisers raise unless ``sigma1_only``.
-      Without it the tracker trusts that the update is ``-lr * (grad_scale * grad + noise)`` plus
-      deterministic terms.
+    - ``check_update``: whether or not the optimizer is passed, ``end()`` checks that each weight moved by
+      ``-lr * .grad`` (``.grad`` as the loop left it: gradient scaling and injected noise included) plus a
+      weight-decay multiple of W, and refuses (ValueError) a momentum, Adam or any other update; the check
+      is exact to rounding. (Momentum equals SGD on its first step, so it is caught from the second.) Turn
+      off for a deliberate extra change of the weights (a projection after the step): the drift ``mu``
+      still uses the applied update exactly, but the noise terms then model an SGD step that was not taken.
+    - ``strict``: a weight of a layer type without a handler (LSTM, Bilinear, custom layers) is an error;
+      ``strict=False`` skips it (listed in ``tracker.skipped``), and K(t) then leaves it out.
+    - ``batch_dim``: the batch dimension of the inputs of Linear and Embedding layers of three or more
+      dimensions (1 for sequence-first models, e.g. ``nn.TransformerEncoderLayer(batch_first=False)``);
+      two-dimensional inputs are (batch, features), convolutions batch first, attention per its ``batch_first``.
+    - A batch of one sample: ``kappa`` and ``lambda2`` (and the split parts) need two and are NaN for that
+      step; sigma1 and mu are computed, and ``network_sums`` counts the NaN terms as 0.
     - ``sigma1_only``: track ``sigma1`` alone (no hooks), for any optimiser.
     - ``check_grad``: check (in ``end()``) that each weight's ``.grad`` after backward is the sum of what its
-      module's hooks saw (catches tied weights, weights used outside their module, gradients not
-      zeroed, a second backward). Turn off if the loss deliberately adds terms on the weights (an L2
+      modules' hooks saw (catches a weight used outside a registered module, e.g. ``F.linear(x, W.T)``,
+      gradients not zeroed, a second backward). Not done for parametrised weights (their effective
+      weight has no ``.grad``). Turn off if the loss deliberately adds terms on the weights (an L2
       penalty in the loss; the applied-update drift still handles it exactly).
     - ``chunk_elems``: memory budget (elements) of a chunk of per-sample gradients in the split.
     - ``linalg_threads``: CPU threads for the small float64 linear algebra of ``begin()``/``end()``
@@ -440,6 +500,9 @@ class DynamicsTracker:
         check_grad: bool = True,
         chunk_elems: int = 1 << 22,
         linalg_threads: int | None = 1,
+        strict: bool = True,
+        batch_dim: int = 0,
+        check_update: bool = True,
     ):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -455,31 +518,40 @@ class DynamicsTracker:
         self.grad_scale, self.noise_var = float(grad_scale), float(noise_var)
         self.optimizer, self.sigma1_only, self.reduction = optimizer, sigma1_only, reduction
         self.check_grad, self.chunk_elems, self.linalg_threads = check_grad, chunk_elems, linalg_threads
-        self.layers = [self._make_layer(name, mod) for name, mod in weight_layers(model)]
+        if batch_dim not in (0, 1):
+            raise ValueError(f"batch_dim must be 0 (batch first) or 1 (sequence first), got {batch_dim}")
+        self.batch_dim, self.check_update = batch_dim, check_update
+        refs, self.skipped = find_weights(model, strict)
+        self.layers = [self._make_layer(ref) for ref in refs]
         if not self.layers:
-            raise ValueError("model has no nn.Linear / nn.Conv2d weight to track")
+            raise ValueError("model has no weight the tracker knows (Linear, Conv1d/2d/3d, Embedding, "
+                             "MultiheadAttention); see lipexp.layers.find_weights")
         if optimizer is not None and not sigma1_only:
             self._check_optimizer()
         self.armed = False
         self._starts: dict[str, torch.Tensor] = {}
         self._last: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self._handles: list = []
         if not sigma1_only:
-            for layer in self.layers:
-                layer.handles.append(layer.module.register_forward_hook(self._forward_hook(layer), with_kwargs=True))
-                if layer.param.requires_grad:  # a frozen weight gets no gradient to check
-                    layer.handles.append(layer.param.register_post_accumulate_grad_hook(self._param_hook(layer)))
+            self._install()
 
     # -- setup -----------------------------------------------------------------------------------
-    @staticmethod
-    def _make_layer(name: str, mod: nn.Module) -> _Layer:
-        base = nn.Conv2d if isinstance(mod, nn.Conv2d) else nn.Linear
-        if type(mod).forward is not base.forward:
-            raise ValueError(
-                f"layer '{name}' ({type(mod).__name__}) overrides the forward of nn.{base.__name__}; the tracker "
-                "cannot know how its weight is used"
-            )
-        geom = _conv_geometry(name, mod) if base is nn.Conv2d else None
-        return _Layer(name, mod, mod.weight, geom)
+    def _make_layer(self, ref: WeightRef) -> _Layer:
+        w = ref.tensor()
+        raws = ref.raw_parameters()
+        return _Layer(ref.name, ref, self, (w.shape[0], w[0].numel()), w.dtype, any(p.requires_grad for p in raws))
+
+    def _install(self) -> None:
+        """One handler per module that uses a tracked weight (several for a tied weight)."""
+        per_module: dict[int, tuple[nn.Module, object, dict]] = {}
+        for layer in self.layers:
+            for module, attr, handler in layer.ref.uses:
+                per_module.setdefault(id(module), (module, handler, {}))[2][attr] = layer
+            for i, p in enumerate(layer.ref.raw_parameters()):
+                if p.requires_grad:  # a frozen weight gets no gradient to check
+                    layer.handles.append(p.register_post_accumulate_grad_hook(self._param_hook(layer, i)))
+        for module, handler, sinks in per_module.values():
+            self._handles += handler.install(module, sinks, self)
 
     def _check_optimizer(self) -> None:
         opt = self.optimizer
@@ -488,7 +560,7 @@ class DynamicsTracker:
                 f"the Chapter 4 prediction models plain SGD; got {type(opt).__name__}. Use torch.optim.SGD without "
                 "momentum, or DynamicsTracker(..., sigma1_only=True) to track sigma1 alone"
             )
-        tracked = {id(layer.param) for layer in self.layers}
+        tracked = {id(p) for layer in self.layers for p in layer.ref.raw_parameters()}
         for group in opt.param_groups:
             if not any(id(p) in tracked for p in group["params"]):
                 continue
@@ -507,6 +579,9 @@ class DynamicsTracker:
                 h.remove()
             layer.handles.clear()
             layer.clear_step()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
         self.armed = False
 
     def __enter__(self) -> "DynamicsTracker":
@@ -528,18 +603,27 @@ class DynamicsTracker:
     def _begin(self) -> None:
         for layer in self.layers:
             layer.clear_step()
-            w = layer.param.detach().reshape(layer.shape)
+            w_full = layer.ref.tensor().detach()
+            if layer.ref.groups > 1:
+                layer.group = _top_group(w_full, layer.ref.groups, layer.name)
+            w = layer.matrix(w_full)
             if self.sigma1_only:
                 g = w.to(torch.float64)
                 g = g @ g.T if g.shape[0] <= g.shape[1] else g.T @ g
                 layer.s1 = torch.linalg.eigvalsh(g)[-1].clamp_min(0).sqrt()
                 continue
             # weights move little per step: start from the previous top vector (or a checkpoint's)
-            start = layer.geo.q1 if layer.geo is not None else self._starts.pop(layer.name, None)
+            if layer.geo is not None:
+                start = layer.geo.q1 if layer.geo_group == layer.group else None
+            else:
+                start = self._starts.pop(layer.name, None)
             layer.geo = opnorm_geometry(w, start, f"weight '{layer.name}'")
+            layer.geo_group = layer.group
             layer.s1 = layer.geo.s1
             layer.u1, layer.v1 = layer.geo.u1.to(w.dtype), layer.geo.v1.to(w.dtype)
-            layer.snapshot = w.clone()
+            layer.snapshot = w_full.clone()
+            if layer.ref.parametrized:
+                layer.raw_snaps = [p.detach().clone() for p in layer.ref.raw_parameters()]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The warm-start vectors of the top eigenpairs, so that a resumed run repeats every bit."""
@@ -568,7 +652,7 @@ class DynamicsTracker:
         self._last = {}
         with torch.no_grad(), _cpu_threads(self.linalg_threads):
             for layer in self.layers:
-                if layer.expect_grad and layer.a is None:
+                if layer.grads < layer.calls:
                     raise RuntimeError(
                         f"layer '{layer.name}' ran forward but received no gradient: call backward() between "
                         "the forward and end()"
@@ -576,15 +660,19 @@ class DynamicsTracker:
                 if updates is not None:
                     dw = updates[layer.name]
                 else:
-                    dw = layer.param.detach() - layer.snapshot.view_as(layer.param)
+                    dw = layer.ref.tensor().detach() - layer.snapshot
+                if self.check_update and (updates is None or not layer.ref.parametrized):
+                    self._check_update(layer, dw, lr)
                 names.append(layer.name)
-                rows.append(self._layer_terms(layer, dw.reshape(layer.shape), lr))
+                rows.append(self._layer_terms(layer, layer.matrix(dw), lr))
             values = torch.stack([torch.stack(r) for r in rows]).tolist()  # one device sync
         keys = TERMS + (SPLIT_TERMS if self.split else ())
+        out = {name: dict(zip(keys, vals)) for name, vals in zip(names, values)}
+        _single_sample_nan(out, self.layers)
         for layer in self.layers:
             layer.clear_step()
-            layer.snapshot = None
-        return {name: dict(zip(keys, vals)) for name, vals in zip(names, values)}
+            layer.snapshot = layer.raw_snaps = None
+        return out
 
     def last_projections(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per-sample ``(a, b)`` = ``(G_i v1, G_i^T u1)`` rows (M x m, M x n) of the last step, by layer."""
@@ -606,7 +694,7 @@ class DynamicsTracker:
 
     def _step_lr(self) -> float:
         if self.optimizer is not None:
-            tracked = {id(layer.param) for layer in self.layers}
+            tracked = {id(p) for layer in self.layers for p in layer.ref.raw_parameters()}
             for group in self.optimizer.param_groups:
                 if any(id(p) in tracked for p in group["params"]) and group["lr"] != self.lr:
                     raise ValueError(
@@ -616,140 +704,64 @@ class DynamicsTracker:
         return self.lr
 
     # -- hooks -----------------------------------------------------------------------------------
-    def _forward_hook(self, layer: _Layer) -> Callable:
-        def hook(module, args, kwargs, output):
-            if not self.armed or not torch.is_grad_enabled():
-                return None
-            if layer.called:
-                raise RuntimeError(
-                    f"layer '{layer.name}' was called twice with grad inside one tracked step (a second forward "
-                    "between begin() and end(), or a layer reused in the network); the per-sample terms need "
-                    "exactly one. Run extra forwards (e.g. an adversarial attack) before begin() or under no_grad"
-                )
-            layer.called = True
-            if not (output.requires_grad and layer.param.requires_grad):
-                return None  # a frozen weight does not move: no noise terms
-            if output.dtype != layer.param.dtype:
-                raise ValueError(
-                    f"layer '{layer.name}' computed in {output.dtype} with {layer.param.dtype} weights (autocast?); "
-                    "the tracker needs the forward in the weights' dtype"
-                )
-            x = args[0] if args else kwargs["input"]
-            if x.dim() < 2 or x.shape[0] < 2 or (layer.geom is not None and x.dim() != 4):
-                raise ValueError(
-                    f"layer '{layer.name}' got input of shape {tuple(x.shape)}; the tracker needs a batch of at "
-                    "least 2 samples along dim 0 (N x C x H x W for Conv2d)"
-                )
-            with torch.no_grad():
-                layer.x, layer.x_version = x.detach(), x._version
-                if layer.geom is None:
-                    layer.z = layer.x @ layer.v1  # (M, *)
-                    wx = output.detach()
-                    layer.wx = wx - module.bias.detach() if module.bias is not None else wx.clone()
-                else:
-                    # x_{i,p} . v1 = u1 . (W x_{i,p}) / s1, since v1 = W^T u1 / s1: read off the layer's own
-                    # output instead of a 1-output-channel convolution (a pass over y, no conv)
-                    y = output.detach()
-                    mb, c = y.shape[:2]
-                    z = torch.matmul(layer.u1, y.reshape(mb, c, -1))  # (M, P)
-                    if module.bias is not None:
-                        z = z - layer.u1 @ module.bias.detach()
-                    layer.z = z / layer.s1.to(z.dtype)
-            output.register_hook(self._grad_hook(layer))
-            layer.expect_grad = True
-            return None
-
-        return hook
-
-    def _grad_hook(self, layer: _Layer) -> Callable:
-        def hook(grad):
+    def _param_hook(self, layer: _Layer, index: int) -> Callable:
+        def hook(param):
             if not self.armed:
                 return None
-            if layer.a is not None:
-                raise RuntimeError(
-                    f"layer '{layer.name}' received a second gradient in one tracked step (backward run twice?)"
-                )
-            if layer.x._version != layer.x_version:
-                raise RuntimeError(f"the input of layer '{layer.name}' was modified in place after its forward")
-            with torch.no_grad():
-                if layer.geom is None:
-                    self._linear_projections(layer, grad)
-                else:
-                    self._conv_projections(layer, grad)
-            layer.x, layer.z = None, None
-            return None
-
-        return hook
-
-    def _param_hook(self, layer: _Layer) -> Callable:
-        def hook(param):
-            if not self.armed or not self.check_grad:
+            layer.raw_grads[index] = param.grad  # the update check reads it in end() (zero_grad may drop .grad)
+            if not self.check_grad or layer.ref.parametrized or layer.single:
                 return None
             if layer.a is None:
                 raise RuntimeError(
                     f"weight '{layer.name}' received a gradient that did not come through its "
-                    f"{type(layer.module).__name__} module inside the tracked step: the weight is used outside "
-                    "the module (tied or functional use), which the tracker cannot handle"
+                    f"{type(layer.ref.module).__name__} module inside the tracked step: the weight is used outside "
+                    "a registered module (a functional use such as F.linear(x, W.T)), which the tracker cannot see"
                 )
             if layer.grad_checked:
                 raise RuntimeError(f"weight '{layer.name}' received a second gradient in one tracked step")
             layer.grad_checked = True
             with torch.no_grad():  # compared in end(), so that a GPU need not sync inside backward
-                got = param.grad.reshape(layer.shape) @ layer.v1
+                got = layer.matrix(param.grad) @ layer.v1
                 layer.grad_check = torch.stack([(got - layer.a.sum(0)).norm(), layer.a.norm(dim=1).sum()])
             return None
 
         return hook
 
-    def _linear_projections(self, layer: _Layer, grad: torch.Tensor) -> None:
-        m, n = layer.shape
-        mb = grad.shape[0]
-        delta = grad.reshape(mb, -1, m)  # (M, T, m), T = 1 for a plain batch
-        x = layer.x.reshape(mb, -1, n)
-        z = layer.z.reshape(mb, -1)
-        du = delta @ layer.u1  # (M, T)
-        layer.a = torch.einsum("mt,mtc->mc", z, delta)
-        layer.b = torch.einsum("mt,mtn->mn", du, x)
-        # W b_i = sum_t (W x_it) du_it: from the layer's own output, no M x n x m product
-        layer.wb = torch.einsum("mt,mtc->mc", du, layer.wx.reshape(mb, -1, m))
-        layer.wx = None
-        if not self.split:
-            return
-        if delta.shape[1] == 1:
-            d2, x2 = delta[:, 0], x[:, 0]
-            layer.sumsq = (d2 * d2).T @ (x2 * x2)
-            layer.gsum = d2.T @ x2
-        else:
-            layer.sumsq = torch.zeros(m, n, dtype=grad.dtype, device=grad.device)
-            layer.gsum = torch.zeros_like(layer.sumsq)
-            step = _chunk(self.chunk_elems, m * n, mb)
-            for i in range(0, mb, step):
-                g = delta[i : i + step].transpose(1, 2) @ x[i : i + step]  # per-sample (s, m, n)
-                layer.sumsq += (g * g).sum(0)
-                layer.gsum += g.sum(0)
+    def _check_update(self, layer: _Layer, dw: torch.Tensor, lr: float) -> None:
+        """Refuse a step that is not ``-lr * grad`` (+ weight decay ``-lr*wd*W``): momentum, Adam, ...
 
-    def _conv_projections(self, layer: _Layer, grad: torch.Tensor) -> None:
-        geo = layer.geom
-        m, n = layer.shape
-        mb, _, ho, wo = grad.shape
-        x = layer.x
-        (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.stride, geo.dilation
-        delta = grad.reshape(mb, m, ho * wo)
-        # (M, m): sum_p delta_{i,p} z_{i,p}, as z^T delta^T (a bmm with a 1-column right operand is far slower)
-        layer.a = torch.matmul(layer.z.unsqueeze(1), delta.transpose(1, 2)).squeeze(1)
-        du = torch.matmul(layer.u1, delta)  # (M, P): u1 . delta_{i,p}
-        layer.b = conv_b_projection(x, du.view(mb, ho, wo), geo, layer.index_cache)
-        if not self.split:
+        ``.grad`` is read after the loop's own changes (gradient scaling, injected noise), so those pass.
+        With ``reduction='sum'`` the SGD step of the thesis is ``-lr/M * grad``. The residual after the best
+        weight-decay fit must be within rounding (``1e-3 |dW| + 16 eps |W|``).
+        """
+        if not layer.requires_grad:
             return
-        layer.sumsq = torch.zeros(m, n, dtype=grad.dtype, device=grad.device)
-        layer.gsum = torch.zeros_like(layer.sumsq)
-        step = _chunk(self.chunk_elems, n * ho * wo + m * n, mb)
-        for i in range(0, mb, step):
-            xs = F.pad(x[i : i + step], geo.pad)
-            cols = F.unfold(xs, (kh, kw), dilation=(dh, dw), stride=(sh, sw))  # (s, n, P)
-            g = torch.bmm(delta[i : i + step], cols.transpose(1, 2))  # per-sample (s, m, n)
-            layer.sumsq += (g * g).sum(0)
-            layer.gsum += g.sum(0)
+        raws = layer.ref.raw_parameters()
+        if layer.ref.parametrized:
+            pairs = [(p.detach() - s, i) for i, (p, s) in enumerate(zip(raws, layer.raw_snaps))]
+            befores = layer.raw_snaps
+        else:
+            pairs, befores = [(dw, 0)], [layer.snapshot]
+        step = lr / (layer.mb or 1) if self.reduction == "sum" else lr
+        for (d, i), w0 in zip(pairs, befores):
+            g = layer.raw_grads.get(i, raws[i].grad)
+            if g is None:
+                g = torch.zeros_like(d)
+            # in the weights' dtype (its own rounding, ~eps |W|, is inside the tolerance): cheap for big nets
+            d, g, w0 = d.reshape(-1), g.reshape(-1).to(d.dtype), w0.reshape(-1).to(d.dtype)
+            r = torch.add(d, g, alpha=step)
+            rw, ww, dd = torch.stack([r @ w0, w0 @ w0, d @ d]).double().tolist()
+            rr = float(r @ r)
+            if ww > 0:  # the weight-decay part, -lr*wd*W: |r - c w0|^2 = |r|^2 - (r.w0)^2/|w0|^2
+                rr = max(rr - rw * rw / ww, 0.0)
+            tol = 1e-3 * math.sqrt(dd) + 16 * torch.finfo(raws[i].dtype).eps * math.sqrt(ww) + 1e-300
+            if math.sqrt(rr) > tol:
+                raise ValueError(
+                    f"weight '{layer.name}' moved by an update that is not -lr * grad (+ weight decay): relative "
+                    f"residual {math.sqrt(rr) / max(math.sqrt(dd), 1e-300):.3g}. The Chapter 4 prediction models "
+                    "plain SGD; momentum, Adam and the like are refused: use torch.optim.SGD(momentum=0), or "
+                    "DynamicsTracker(..., sigma1_only=True) to track sigma1 alone"
+                )
 
     # -- the terms -------------------------------------------------------------------------------
     def _layer_terms(self, layer: _Layer, dw: torch.Tensor, lr: float) -> list[torch.Tensor]:
@@ -793,15 +805,21 @@ def step_terms(
     y: torch.Tensor,
     lr: float,
     split: bool = False,
+    strict: bool = True,
+    batch_dim: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Terms of every weight matrix for the current parameters and a plain SGD step on (x, y).
 
     ``loss_fn(outputs, targets)`` returns per-sample losses (M,). Fills ``.grad`` with the batch-mean
-    gradient; the parameters are not changed (the step enters only through ``dW = -lr * grad``).
+    gradient; the parameters and buffers (BatchNorm running statistics, spectral_norm's vectors) are not
+    changed: the step enters only through ``dW = -lr * grad`` (for a parametrised weight, the first-order
+    change of the effective weight, ``J_param (-lr * grad of the raw parameters)``). Keys: see
+    ``lipexp.layers.find_weights``. A 1-sample batch gives NaN kappa and lambda2 (they need 2 samples).
     """
     for p in model.parameters():
         p.grad = None
-    tracker = DynamicsTracker(model, lr, split=split)
+    saved = {k: b.detach().clone() for k, b in model.named_buffers()}
+    tracker = DynamicsTracker(model, lr, split=split, strict=strict, batch_dim=batch_dim)
     try:
         tracker.begin()
         losses = loss_fn(model(x), y)
@@ -811,25 +829,55 @@ def step_terms(
                 f"{tuple(losses.shape)}"
             )
         losses.mean().backward()
-        updates = {
-            layer.name: -lr * (layer.param.grad if layer.param.grad is not None else torch.zeros_like(layer.param))
-            for layer in tracker.layers
-        }
+        updates = {layer.name: _sgd_update(layer.ref, lr) for layer in tracker.layers}
         return tracker.end(updates)
     finally:
         tracker.close()
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(saved[k])
+
+
+def _sgd_update(ref: WeightRef, lr: float) -> torch.Tensor:
+    """``-lr * grad`` of a weight; for a parametrised one, the first-order change of the effective weight
+    (called after the step's forward, so spectral_norm's vectors are those that forward used)."""
+    raws = ref.raw_parameters()
+    steps = [-lr * (p.grad if p.grad is not None else torch.zeros_like(p)) for p in raws]
+    if not ref.parametrized:
+        return steps[0]
+    plist = ref.module.parametrizations[ref.attr]
+    names = [n for n, _ in plist.named_parameters()]
+    def eff(*ps):
+        return torch.func.functional_call(plist, dict(zip(names, ps)), ())
+
+    training = plist.training
+    with preserved_buffers(ref.module):
+        plist.eval()  # the buffers as the step's forward left them, held: the gradient treats them as constants
+        try:  # double-backward jvp: forward-mode AD does not cover every parametrisation (spectral_norm)
+            with torch.enable_grad():
+                return torch.autograd.functional.jvp(eff, tuple(p.detach() for p in raws), tuple(steps))[1].detach()
+        finally:
+            plist.train(training)
 
 
 def network_sums(terms: dict[str, dict[str, float]]) -> dict[str, float]:
-    """``mu_Z``, ``kappa_Z``, ``lambda2_Z`` (and ``*_Z_var``/``*_Z_cov`` when split): sums over layers."""
+    """``mu_Z``, ``kappa_Z``, ``lambda2_Z`` (and ``*_Z_var``/``*_Z_cov`` when split): sums over layers.
+
+    NaN terms (kappa, lambda2 of a 1-sample batch) count as 0, so a short last batch moves the
+    prediction by its drift alone instead of ending it.
+    """
     first = next(iter(terms.values()))
     out = {}
+
+    def total(key):
+        return sum(t[key] for t in terms.values() if not math.isnan(t[key]))
+
     for key in ("mu", "kappa", "lambda2"):
-        out[f"{key}_Z"] = sum(t[key] for t in terms.values())
+        out[f"{key}_Z"] = total(key)
     for key in SPLIT_TERMS:
         if key in first:
             base, part = key.split("_")
-            out[f"{base}_Z_{part}"] = sum(t[key] for t in terms.values())
+            out[f"{base}_Z_{part}"] = total(key)
     return out
 
 
