@@ -8,7 +8,11 @@ Per step and per weight matrix W (m x n, Conv2d reshaped to out x in*kh*kw) with
 - ``mu = <u_1 v_1^T, dW> / (s_1 * lr)`` from the applied update ``dW`` (plain SGD: ``-u_1^T g v_1 / s_1``);
 - ``lambda2 = lr / s_1^2 * J^T Sigma J`` and ``kappa = lr / (2 s_1) * <H, Sigma>``, with
   ``Sigma = grad_scale^2 * sum_i vec(G~_i) vec(G~_i)^T / (M (M-1)) + noise_var * I``, ``G~_i = G_i - mean G``,
-  J and H the gradient and Hessian of ``s_1`` (thesis Lemmas 4.6.2, 4.6.3).
+  J and H the gradient and Hessian of ``s_1`` (thesis Lemmas 4.6.2, 4.6.3);
+- beyond the thesis (docs/sde_second_order.md): ``mu2 = lr/(2 s_1) vec(d)^T H vec(d) - lr/(2 s_1^2) (J^T vec(d))^2``
+  with ``d = dW / lr``, the second-order drift that Theorem 4.6.5 drops, and ``lambda2_full``, the layer's
+  share ``Cov(layer noise, network noise)`` of the network diffusion with the cross-layer covariances
+  (thesis Assumption 4.3.1 drops them); ``network_sums`` gives ``mu2_Z`` and ``lambda2_Z_full``.
 
 Nothing of size M*m*n is formed for these: hooks collect the per-sample projections ``a_i = G_i v_1``
 (length m) and ``b_i = G_i^T u_1`` (length n) from the forward/backward pass that makes the step
@@ -70,10 +74,13 @@ __all__ = [
     "hessian_quadratic_sum",
     "hessian_trace",
     "hessian_diagonal_dot",
+    "second_order_drift",
+    "cross_layer_lambda2",
     "conv_b_projection",
 ]
 
 TERMS = ("sigma1", "mu", "kappa", "lambda2")
+SECOND_TERMS = ("mu2", "lambda2_full")  # beyond the thesis: docs/sde_second_order.md
 SPLIT_TERMS = ("kappa_var", "kappa_cov", "lambda2_var", "lambda2_cov")
 
 
@@ -245,6 +252,39 @@ def hessian_diagonal_dot(geo: OpNormGeometry, d: torch.Tensor) -> torch.Tensor:
     return alpha @ d @ (p1 * p1) + (q1 * q1) @ d @ beta + 2.0 * (q1 @ (cross * d) @ p1)
 
 
+def second_order_drift(geo: OpNormGeometry, d_v: torch.Tensor, dt_u: torch.Tensor, lr: float) -> torch.Tensor:
+    """``mu2 = lr/(2 s1) vec(d)^T H vec(d) - lr/(2 s1^2) (J^T vec(d))^2`` for one update direction ``d``
+    (the applied update over lr, m x n), from its projections ``d_v = d v1`` (m,) and ``dt_u = d^T u1`` (n,).
+
+    ``lr * mu2`` is the second-order term of ``log s1(W + lr d) - log s1(W)``, which Theorem 4.6.5 drops
+    (its expectation over the batch noise holds ``kappa - lambda2/2``; docs/sde_second_order.md). One
+    triangular solve with one right-hand side, float64.
+    """
+    d_v, dt_u = d_v.to(torch.float64), dt_u.to(torch.float64)
+    q = hessian_quadratic_sum(geo, d_v[None], dt_u[None])
+    jd = geo.u1 @ d_v
+    return lr / (2 * geo.s1) * q - lr / (2 * geo.s1**2) * jd * jd
+
+
+def cross_layer_lambda2(rows: list[tuple[torch.Tensor | None, torch.Tensor]]) -> list[torch.Tensor]:
+    """Each layer's share of the full network diffusion ``lambda2_Z_full = |sum_l r_l|^2 + sum_l n_l``.
+
+    ``rows[l] = (r_l, n_l)``: ``r_l`` (M,) float64 the per-sample noise on ``log s1`` of layer l
+    (``|r_l|^2`` is its block-diagonal lambda2 without injected noise; None for a layer without
+    per-sample gradients) and ``n_l`` the injected isotropic noise's part (independent across layers).
+    The share is ``r_l . R + n_l`` with ``R = sum_k r_k``: the covariance of layer l's noise with the
+    network's, so the shares sum to the full value. NaN for all if the layers saw different batch sizes.
+    """
+    rs = [r for r, _ in rows if r is not None]
+    if not rs:
+        return [n + 0.0 for _, n in rows]
+    if len({r.shape for r in rs}) > 1:
+        nan = torch.full((), float("nan"), dtype=torch.float64, device=rs[0].device)
+        return [nan for _ in rows]
+    total = torch.stack(rs).sum(0)
+    return [n + (r @ total if r is not None else 0.0) for r, n in rows]
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-layer state and the hook computations
 # ----------------------------------------------------------------------------------------------
@@ -397,7 +437,7 @@ class DynamicsTracker:
         losses = loss_fn(model(x), y)        # (M,) per-sample losses, ONE forward with grad
         losses.mean().backward()
         optimizer.step()                     # or any manual update (weight decay, scaling, noise)
-        terms = tracker.end()                # {param name: {sigma1, mu, kappa, lambda2[, *_var, *_cov]}}
+        terms = tracker.end()                # {param name: {sigma1, mu, kappa, lambda2, mu2, lambda2_full[, *_var, *_cov]}}
 
     Hooks capture only between ``begin()`` and ``end()``: work done before ``begin()`` (an FGSM attack's
     forward/backward) is not seen, and forwards under ``torch.no_grad()`` are ignored. A second
@@ -463,6 +503,7 @@ class DynamicsTracker:
         self.armed = False
         self._starts: dict[str, torch.Tensor] = {}
         self._last: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self._noise_rows: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
         if not sigma1_only:
             for layer in self.layers:
                 layer.handles.append(layer.module.register_forward_hook(self._forward_hook(layer), with_kwargs=True))
@@ -565,7 +606,7 @@ class DynamicsTracker:
         lr = self._step_lr()
         self._verify_grads()
         names, rows = [], []
-        self._last = {}
+        self._last, self._noise_rows = {}, {}
         with torch.no_grad(), _cpu_threads(self.linalg_threads):
             for layer in self.layers:
                 if layer.expect_grad and layer.a is None:
@@ -579,8 +620,11 @@ class DynamicsTracker:
                     dw = layer.param.detach() - layer.snapshot.view_as(layer.param)
                 names.append(layer.name)
                 rows.append(self._layer_terms(layer, dw.reshape(layer.shape), lr))
+            full = cross_layer_lambda2([self._noise_rows[name] for name in names])
+            rows = [r[:5] + [f] + r[5:] for r, f in zip(rows, full)]
             values = torch.stack([torch.stack(r) for r in rows]).tolist()  # one device sync
-        keys = TERMS + (SPLIT_TERMS if self.split else ())
+        self._noise_rows = {}
+        keys = TERMS + SECOND_TERMS + (SPLIT_TERMS if self.split else ())
         for layer in self.layers:
             layer.clear_step()
             layer.snapshot = None
@@ -755,13 +799,16 @@ class DynamicsTracker:
     def _layer_terms(self, layer: _Layer, dw: torch.Tensor, lr: float) -> list[torch.Tensor]:
         geo = layer.geo
         s1, u1, v1 = geo.s1, geo.u1, geo.v1
-        mu = (u1 @ (dw.to(torch.float64) @ v1)) / (s1 * lr)
+        dv = dw.to(torch.float64) @ v1  # (m,): d v1 times lr
+        mu = (u1 @ dv) / (s1 * lr)
+        mu2 = second_order_drift(geo, dv / lr, dw.to(torch.float64).T @ u1 / lr, lr)
         gs2, nv = self.grad_scale**2, self.noise_var
         zero = s1.new_zeros(())
         noise_lam = lr * nv / s1**2
         noise_kap = lr / (2 * s1) * nv * hessian_trace(geo) if nv else zero
         if layer.a is None:  # not used by this forward: no per-sample gradient, only the deterministic drift
-            out = [s1, mu, zero + noise_kap, zero + noise_lam]
+            self._noise_rows[layer.name] = (None, zero + noise_lam)
+            out = [s1, mu, zero + noise_kap, zero + noise_lam, mu2]
             return out + ([zero + noise_kap, zero, zero + noise_lam, zero] if self.split else [])
         a, b = layer.a, layer.b  # at the scale of the reduced loss: per-sample = scale * these
         mb = a.shape[0]
@@ -772,9 +819,12 @@ class DynamicsTracker:
         ac, bc = a - a.mean(0), b - b.mean(0)
         wbc = None if layer.wb is None else layer.wb - layer.wb.mean(0)
         q = hessian_quadratic_sum(geo, ac, bc, wbc)
-        lam = lr / s1**2 * coef * ((ac @ layer.u1).double() ** 2).sum() + noise_lam
+        # r_i = sqrt(lr c) J^T vec(G~_i) / s1: sample i's noise on this layer's log s1, |r|^2 = lambda2
+        r = math.sqrt(lr * coef) * (ac @ layer.u1).double() / s1
+        self._noise_rows[layer.name] = (r, noise_lam)
+        lam = (r * r).sum() + noise_lam
         kap = lr / (2 * s1) * coef * q + noise_kap
-        out = [s1, mu, kap, lam]
+        out = [s1, mu, kap, lam, mu2]
         if self.split:
             d = (layer.sumsq - layer.gsum * layer.gsum / mb).double()  # sum_i (G_i - mean G)^2 / scale^2
             lam_var = lr / s1**2 * coef * ((u1 * u1) @ d @ (v1 * v1)) + noise_lam
@@ -821,11 +871,16 @@ def step_terms(
 
 
 def network_sums(terms: dict[str, dict[str, float]]) -> dict[str, float]:
-    """``mu_Z``, ``kappa_Z``, ``lambda2_Z`` (and ``*_Z_var``/``*_Z_cov`` when split): sums over layers."""
+    """``mu_Z``, ``kappa_Z``, ``lambda2_Z``, and when present ``mu2_Z``, ``lambda2_Z_full`` (the diffusion
+    with the cross-layer covariances) and ``*_Z_var``/``*_Z_cov`` (split): sums over layers."""
     first = next(iter(terms.values()))
     out = {}
     for key in ("mu", "kappa", "lambda2"):
         out[f"{key}_Z"] = sum(t[key] for t in terms.values())
+    if "mu2" in first:
+        out["mu2_Z"] = sum(t["mu2"] for t in terms.values())
+    if "lambda2_full" in first:
+        out["lambda2_Z_full"] = sum(t["lambda2_full"] for t in terms.values())
     for key in SPLIT_TERMS:
         if key in first:
             base, part = key.split("_")
