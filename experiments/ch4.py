@@ -16,9 +16,10 @@ def run_row(run, keys: dict[str, str]) -> dict:
     row["status"] = run.status.get("status")
     if not run.ok:
         row["reason"] = (run.status.get("reason") or "")[:160]
-    for k in ("steps", "max_rel_err", "final_rel_err", "K0", "final_K_emp", "final_K_pred", "final_EK_pred",
-              "final_VarK_pred", "final_train_loss", "final_train_acc", "final_test_loss", "final_test_acc",
-              "int_mu_Z", "int_kappa_Z", "int_lambda2_Z"):
+    for k in ("steps", "max_rel_err", "final_rel_err", "max_rel_err_2nd", "final_rel_err_2nd", "K0",
+              "final_K_emp", "final_K_pred", "final_EK_pred", "final_VarK_pred", "final_K_pred_2nd",
+              "final_EK_pred_2nd", "final_VarK_pred_2nd", "final_train_loss", "final_train_acc", "final_test_loss",
+              "final_test_acc", "int_mu_Z", "int_kappa_Z", "int_lambda2_Z", "int_mu2_Z", "int_lambda2_Z_full"):
         if k in run.summary:
             row[k] = run.summary[k]
     return row

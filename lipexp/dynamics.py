@@ -893,34 +893,70 @@ def term_columns(terms: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"{key}/{name}": val for name, t in terms.items() for key, val in t.items()}
 
 
+SDES = ("thesis", "second_order")
+
+
+def _check_sde(sde: str) -> None:
+    if sde not in SDES:
+        raise ValueError(f"unknown sde {sde!r}; choose 'thesis' (Theorems 4.6.7-4.6.8) or 'second_order' "
+                         "(with mu2 and the cross-layer diffusion, docs/sde_second_order.md)")
+
+
 class KIntegrator:
     """Running path prediction and moments of K(t) (theory.md §3, thesis Theorems 4.6.7, 4.6.8).
 
     ``update(terms)`` at step k returns the empirical ``K_emp = prod sigma1`` before the step, the
-    prediction for the same step from steps 0..k-1 (``K_pred``, ``EK_pred``, ``VarK_pred``), and this
-    step's network sums; then it advances by ``dt = lr``. ``k0`` defaults to the first ``K_emp``.
+    prediction for the same step from steps 0..k-1 (``K_pred``, ``Z_pred``, ``EK_pred``, ``VarK_pred``),
+    and this step's network sums; then it advances by ``dt = lr``. ``k0`` defaults to the first ``K_emp``.
+
+    Two SDEs (docs/sde_second_order.md), both integrated whenever the terms carry ``mu2`` and
+    ``lambda2_full`` (the tracker's always do):
+
+    - ``thesis``: ``Z += dt (mu_Z + kappa_Z - lambda2_Z / 2)``, ``E[K] = K0 exp(sum dt (mu_Z + kappa_Z))``,
+      ``Var[K] = E[K]^2 (exp(sum dt lambda2_Z) - 1)``;
+    - ``second_order``: ``Z += dt (mu_Z + mu2_Z)`` (the realised second-order drift, whose expectation
+      holds ``kappa_Z - lambda2_Z / 2``), ``V = sum dt lambda2_Z_full``, ``E[K] = exp(Z + V/2)``,
+      ``Var[K] = E[K]^2 (exp(V) - 1)``.
+
+    ``sde`` names the one reported as ``K_pred``/``Z_pred``/``EK_pred``/``VarK_pred``; the other gets the
+    suffix ``_2nd`` (sde='thesis', the default) or ``_thesis`` (sde='second_order'). With
+    sde='second_order' terms without ``mu2``/``lambda2_full`` are an error; with 'thesis' they only
+    turn the second-order columns off for the rest of the run.
     """
 
-    def __init__(self, lr: float, k0: float | None = None):
-        self.lr = float(lr)
+    def __init__(self, lr: float, k0: float | None = None, sde: str = "thesis"):
+        _check_sde(sde)
+        self.lr, self.sde = float(lr), sde
         self.z0 = None if k0 is None else math.log(k0)
         self.z_pred = self.z0
         self.drift = 0.0  # sum dt (mu_Z + kappa_Z)
         self.var = 0.0  # sum dt lambda2_Z
+        self.drift2: float | None = 0.0  # sum dt (mu_Z + mu2_Z); None once a step lacked the terms
+        self.var_full: float | None = 0.0  # sum dt lambda2_Z_full
 
     def update(self, terms: dict[str, dict[str, float]], lr: float | None = None) -> dict[str, float]:
-        missing = [k for k in ("mu", "kappa", "lambda2") if k not in next(iter(terms.values()))]
+        first = next(iter(terms.values()))
+        missing = [k for k in ("mu", "kappa", "lambda2") if k not in first]
         if missing:
             raise ValueError(f"terms lack {missing}: a sigma1_only tracker cannot drive the prediction")
+        has2 = all(k in first for k in SECOND_TERMS)
+        if self.sde == "second_order" and not has2:
+            raise ValueError("sde='second_order' needs the terms 'mu2' and 'lambda2_full' (DynamicsTracker and "
+                             "step_terms return them); use sde='thesis' for terms without them")
         dt = self.lr if lr is None else float(lr)
         z_emp = sum(math.log(t["sigma1"]) for t in terms.values())
         if self.z0 is None:
             self.z0 = self.z_pred = z_emp
         sums = network_sums(terms)
+        if not has2:
+            self.drift2 = self.var_full = None
         row = {"K_emp": math.exp(z_emp), "Z_emp": z_emp, **self.prediction(), **sums}
         self.z_pred += dt * (sums["mu_Z"] + sums["kappa_Z"] - 0.5 * sums["lambda2_Z"])
         self.drift += dt * (sums["mu_Z"] + sums["kappa_Z"])
         self.var += dt * sums["lambda2_Z"]
+        if self.drift2 is not None:
+            self.drift2 += dt * (sums["mu_Z"] + sums["mu2_Z"])
+            self.var_full += dt * sums["lambda2_Z_full"]
         return row
 
     def prediction(self) -> dict[str, float]:
@@ -928,31 +964,61 @@ class KIntegrator:
         if self.z0 is None:
             raise ValueError("no step integrated yet: call update() first")
         ek = math.exp(self.z0 + self.drift)
-        return {
+        thesis = {
             "K_pred": math.exp(self.z_pred),
             "Z_pred": self.z_pred,
             "EK_pred": ek,
             "VarK_pred": ek * ek * math.expm1(self.var),
         }
+        if self.drift2 is None:
+            return thesis
+        z2 = self.z0 + self.drift2
+        ek2 = math.exp(z2 + 0.5 * self.var_full)
+        second = {"K_pred": math.exp(z2), "Z_pred": z2, "EK_pred": ek2, "VarK_pred": ek2 * ek2 * math.expm1(self.var_full)}
+        main, other, suffix = (thesis, second, "_2nd") if self.sde == "thesis" else (second, thesis, "_thesis")
+        return {**main, **{k + suffix: v for k, v in other.items()}}
 
-    def state_dict(self) -> dict[str, float | None]:
-        """Everything needed to resume the integration exactly (saved in training checkpoints)."""
-        return {"lr": self.lr, "z0": self.z0, "z_pred": self.z_pred, "drift": self.drift, "var": self.var}
+    def state_dict(self) -> dict[str, float | str | None]:
+        """Everything needed to resume the integration exactly (saved in training checkpoints; plain floats)."""
+        return {"lr": self.lr, "z0": self.z0, "z_pred": self.z_pred, "drift": self.drift, "var": self.var,
+                "drift2": self.drift2, "var_full": self.var_full, "sde": self.sde}
 
     def load_state_dict(self, state: dict) -> None:
         self.lr, self.z0, self.z_pred, self.drift, self.var = (state[k] for k in ("lr", "z0", "z_pred", "drift", "var"))
+        # a checkpoint written before the second-order terms existed: they cannot be resumed mid-run
+        self.drift2, self.var_full = state.get("drift2"), state.get("var_full")
+        self.sde = state.get("sde", self.sde)
+        _check_sde(self.sde)
 
 
 def integrate(
-    lr: float | Iterable[float], z0: float, mu_z: Iterable[float], kappa_z: Iterable[float], lambda2_z: Iterable[float]
+    lr: float | Iterable[float],
+    z0: float,
+    mu_z: Iterable[float],
+    kappa_z: Iterable[float],
+    lambda2_z: Iterable[float],
+    mu2_z: Iterable[float] | None = None,
+    lambda2_z_full: Iterable[float] | None = None,
+    sde: str = "thesis",
 ) -> dict[str, np.ndarray]:
-    """Vectorised ``KIntegrator``: arrays of ``Z_pred, K_pred, EK_pred, VarK_pred`` at steps 0..T-1."""
+    """Vectorised ``KIntegrator``: arrays of ``Z_pred, K_pred, EK_pred, VarK_pred`` at steps 0..T-1 for
+    one SDE (``sde='second_order'`` needs ``mu2_z`` and ``lambda2_z_full``; it does not use kappa_z and
+    lambda2_z, whose expectation mu2_z holds)."""
+    _check_sde(sde)
     mu, ka, la = (np.asarray(v, dtype=np.float64) for v in (mu_z, kappa_z, lambda2_z))
     dt = np.broadcast_to(np.asarray(lr, dtype=np.float64), mu.shape)
 
     def before(v):  # sum over the steps strictly before each step
         return np.concatenate([[0.0], np.cumsum(v)[:-1]])
 
+    if sde == "second_order":
+        if mu2_z is None or lambda2_z_full is None:
+            raise ValueError("integrate(..., sde='second_order') needs mu2_z and lambda2_z_full")
+        mu2, lf = np.asarray(mu2_z, dtype=np.float64), np.asarray(lambda2_z_full, dtype=np.float64)
+        z = z0 + before(dt * (mu + mu2))
+        v = before(dt * lf)
+        ek = np.exp(z + 0.5 * v)
+        return {"Z_pred": z, "K_pred": np.exp(z), "EK_pred": ek, "VarK_pred": ek * ek * np.expm1(v)}
     z = z0 + before(dt * (mu + ka - 0.5 * la))
     ek = np.exp(z0 + before(dt * (mu + ka)))
     return {"Z_pred": z, "K_pred": np.exp(z), "EK_pred": ek, "VarK_pred": ek * ek * np.expm1(before(dt * la))}

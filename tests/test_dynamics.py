@@ -783,3 +783,82 @@ def test_integrator_state_round_trip_continues_exactly():
     rows += [resumed.update(t) for t in terms[3:]]
     assert rows == ref_rows
     assert resumed.prediction() == ref.prediction()
+
+
+def test_second_order_integrator_against_hand_computation_and_vectorised():
+    lr = 0.1
+
+    def t(s1, mu, kappa, lam2, mu2, full):
+        return {"sigma1": s1, "mu": mu, "kappa": kappa, "lambda2": lam2, "mu2": mu2, "lambda2_full": full}
+
+    steps = [
+        {"a": t(2.0, 0.3, 0.05, 0.2, 0.07, 0.25), "b": t(3.0, -0.1, 0.01, 0.1, 0.02, 0.12)},
+        {"a": t(2.1, 0.2, 0.04, 0.3, 0.01, 0.20), "b": t(2.9, 0.0, 0.02, 0.0, -0.03, 0.05)},
+        {"a": t(2.2, 0.1, 0.03, 0.1, 0.00, 0.10), "b": t(2.8, 0.1, 0.00, 0.1, 0.04, 0.10)},
+    ]
+    z0 = math.log(6.0)
+    for sde, main, other in (("thesis", "", "_2nd"), ("second_order", "_2nd", "")):
+        integ = KIntegrator(lr, sde=sde)
+        rows = [integ.update(s) for s in steps]
+        suffix = {"": "_thesis" if sde == "second_order" else "", "_2nd": "_2nd" if sde == "thesis" else ""}
+        z2 = z0 + 0.1 * (0.2 + 0.09) + 0.1 * (0.2 - 0.02)  # mu_Z + mu2_Z of steps 0 and 1
+        v = 0.1 * 0.37 + 0.1 * 0.25  # lambda2_Z_full of steps 0 and 1
+        ek2 = math.exp(z2 + v / 2)
+        assert rows[2]["Z_pred" + suffix["_2nd"]] == pytest.approx(z2, rel=1e-14)
+        assert rows[2]["K_pred" + suffix["_2nd"]] == pytest.approx(math.exp(z2), rel=1e-14)
+        assert rows[2]["EK_pred" + suffix["_2nd"]] == pytest.approx(ek2, rel=1e-14)
+        assert rows[2]["VarK_pred" + suffix["_2nd"]] == pytest.approx(ek2**2 * math.expm1(v), rel=1e-12)
+        z1 = z0 + 2 * 0.1 * (0.2 + 0.06 - 0.5 * 0.3)  # the thesis' path is unchanged by the new terms
+        assert rows[2]["Z_pred" + suffix[""]] == pytest.approx(z1, rel=1e-14)
+        assert rows[1]["mu2_Z"] == pytest.approx(-0.02) and rows[1]["lambda2_Z_full"] == pytest.approx(0.25)
+        cols = {k: [r[k] for r in rows] for k in ("mu_Z", "kappa_Z", "lambda2_Z", "mu2_Z", "lambda2_Z_full")}
+        vec = integrate(lr, z0, cols["mu_Z"], cols["kappa_Z"], cols["lambda2_Z"], cols["mu2_Z"],
+                        cols["lambda2_Z_full"], sde=sde)
+        for k in ("Z_pred", "K_pred", "EK_pred", "VarK_pred"):
+            assert np.allclose(vec[k], [r[k] for r in rows], rtol=1e-14), (sde, k)
+    with pytest.raises(ValueError, match="mu2"):
+        KIntegrator(lr, sde="second_order").update({"a": {"sigma1": 1.0, "mu": 0.0, "kappa": 0.0, "lambda2": 0.0}})
+    with pytest.raises(ValueError, match="unknown sde"):
+        KIntegrator(lr, sde="ito")
+    with pytest.raises(ValueError, match="mu2_z"):
+        integrate(lr, 0.0, [0.0], [0.0], [0.0], sde="second_order")
+    # resume mid-run repeats every bit, second-order accumulators included (plain floats: weights_only safe)
+    ref = KIntegrator(lr)
+    ref_rows = [ref.update(s) for s in steps]
+    first = KIntegrator(lr)
+    got = [first.update(s) for s in steps[:2]]
+    state = first.state_dict()
+    assert all(isinstance(v, (float, str)) for v in state.values())
+    resumed = KIntegrator(lr)
+    resumed.load_state_dict(state)
+    got += [resumed.update(s) for s in steps[2:]]
+    assert got == ref_rows and resumed.prediction() == ref.prediction()
+    assert "K_pred_2nd" in ref.prediction()
+
+
+def test_second_order_path_closes_the_gap_of_the_thesis_path():
+    """On 60 steps at a large lr the thesis' path misses K_emp by the dropped second-order drift;
+    K_pred_2nd (mu + mu2) is exact to third order, so its error is far smaller."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(400, 8, generator=g, dtype=torch.float64)
+    ys = torch.randint(0, 3, (400,), generator=g)
+    lr = 0.2
+    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=1e-3)
+    tracker = DynamicsTracker(model, lr, optimizer=opt)
+    integ = KIntegrator(lr)
+    rows = []
+    for _ in range(61):
+        idx = torch.randint(0, 400, (16,), generator=g)
+        tracker.begin()
+        opt.zero_grad()
+        ce(model(xs[idx]), ys[idx]).mean().backward()
+        opt.step()
+        rows.append(integ.update(tracker.end()))
+    tracker.close()
+    err1 = max(abs(r["Z_pred"] - r["Z_emp"]) for r in rows)
+    err2 = max(abs(r["Z_pred_2nd"] - r["Z_emp"]) for r in rows)
+    second = abs(rows[-1]["Z_emp"] - rows[0]["Z_emp"] - lr * sum(r["mu_Z"] for r in rows[:-1]))
+    assert second > 1e-3 and err2 < 0.1 * err1, (err1, err2, second)
+    assert all(r["lambda2_Z_full"] >= 0 and r["VarK_pred_2nd"] >= 0 for r in rows)
