@@ -109,7 +109,8 @@ def out_of_sample_findings(res: dict, label: str) -> list[str]:
             continue
         out.append(
             f"{label}out-of-sample ({'thesis SDE' if sde == 'thesis' else 'second order, full lambda2'}): each of "
-            f"{r['n_seeds']} sampling seeds' terms predict the others' K(t) ({r['n_pairs']} pairs): z of the held-out "
+            f"{r['n_seeds']} sampling seeds' terms predict the others' K(t) ({r['n_pairs']} pairs of {r['n_seeds']} "
+            f"runs, so not independent): z of the held-out "
             f"K(T) mean {r['z_mean']:+.2f}, root mean square {r['z_rms']:.2f} (largest |z| {r['z_max_abs']:.2f}); "
             f"the predicted 95% band covers {r['coverage'] * 100:.0f}% of the held-out K(t) over time. If the SDE "
             f"is right: root mean square {PAIR_Z_STD:.2f} and coverage {PAIR_COVERAGE * 100:.0f}% (the source "
@@ -144,8 +145,15 @@ def forward_prediction(df: pd.DataFrame, lr: float, frac: float = 0.2) -> dict |
 
 
 def forward_findings(rows: list[tuple[str, dict]]) -> list[str]:
-    """One line per run from ``forward_prediction``."""
+    """A line with the medians, then one line per run from ``forward_prediction``."""
+    done = [f for _, f in rows if f]
     out = []
+    if done:
+        med = lambda k: float(np.median([f[k] for f in done if k in f]))  # noqa: E731
+        second = f", second order {med('fwd_rel_err_2nd'):.3g}" if all("fwd_rel_err_2nd" in f for f in done) else ""
+        out.append(f"forward prediction over {len(done)} runs (observe the first 20%, extrapolate E[K] with the terms "
+                   f"averaged over it): median relative error at the end {med('fwd_rel_err'):.3g} (thesis){second}, "
+                   f"against {med('fwd_rel_err_constant'):.3g} for 'K stays where it is at 20%'")
     for label, f in rows:
         if not f:
             continue
