@@ -50,7 +50,8 @@ def aggregate(cfg, fig_dir, runs) -> None:
         if "VarK_pred_2nd" in frames[k.columns[0]]:
             std2 = np.sqrt(pd.DataFrame({s: f["VarK_pred_2nd"] for s, f in frames.items()}).reindex(k.index).mean(axis=1))
             findings.append(f"second order (cross-layer lambda2): predicted std at the end {float(std2.iloc[-1]):.3g}; "
-                            f"observed / predicted = {obs_std / float(std2.iloc[-1]):.3g}")
+                            f"observed / predicted = {obs_std / float(std2.iloc[-1]):.3g} (the observed std of {len(end)} "
+                            f"seeds is itself uncertain by about {100 / np.sqrt(2 * (len(end) - 1)):.0f}%)")
             table["predicted_std_end_2nd"] = float(std2.iloc[-1])
         # out of sample: one seed's terms predict the other seeds' K(t)
         src = k.columns[0]
