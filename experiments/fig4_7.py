@@ -53,14 +53,17 @@ def aggregate(cfg, fig_dir, runs) -> None:
                  "(1 - eps)^2, which assumes each corrupted run's drift and noise-curvature are the clean run's scaled")
         if "eq434_rel_err" in table and table["eq434_rel_err"].notna().any():
             e434 = float(table["eq434_rel_err"].median())
-            line += (f"; its median miss {e434:.3g} against the own terms' {own.median():.3g} puts the miss on that "
-                     "transfer, not on the SDE" if own.median() < e434 else
+            line += (f"; its median miss {e434:.3g} against the own terms' (in-sample) {own.median():.3g} locates "
+                     "the miss in that transfer: the corrupted runs' own integrals are not the clean ones scaled "
+                     "(per-eps lines)" if own.median() < e434 else
                      f"; its median miss {e434:.3g} is not larger than the own terms' {own.median():.3g}")
         findings.append(line)
         for _, r in okp.iterrows():
+            scaled = (f" (eq. 4.34 assumes {(1 - r['eps']) * clean['int_mu']:.3g} and "
+                      f"{(1 - r['eps']) ** 2 * clean['int_kappa']:.3g})" if clean else "")
             findings.append(f"eps = {r['eps']:g}: observed {r['final_K_emp']:.4g}, own terms {r['final_EK_pred']:.4g}, "
                             f"eq. 4.34 {r.get('predicted_EK', float('nan')):.4g}; int mu_Z {r['int_mu_Z']:.3g}, "
-                            f"int kappa_Z {r['int_kappa_Z']:.3g}")
+                            f"int kappa_Z {r['int_kappa_Z']:.3g}{scaled}")
     ax.set_xlabel("label corruption eps")
     ax.set_ylabel("final K")
     ax.legend(fontsize=7)
