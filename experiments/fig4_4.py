@@ -47,4 +47,30 @@ def aggregate(cfg, fig_dir, runs) -> None:
         ]
         table["final_K_emp_std_across_seeds"] = obs_std
         table["predicted_std_end"] = float(std.iloc[-1])
-    write_outputs(cfg, fig_dir, fig, table, runs, findings or ["no completed run"], notes=[*ch4.sampling_note(cfg), *ch4.scale_note(cfg)])
+        if "VarK_pred_2nd" in frames[k.columns[0]]:
+            std2 = np.sqrt(pd.DataFrame({s: f["VarK_pred_2nd"] for s, f in frames.items()}).reindex(k.index).mean(axis=1))
+            findings.append(f"second order (cross-layer lambda2): predicted std at the end {float(std2.iloc[-1]):.3g}; "
+                            f"observed / predicted = {obs_std / float(std2.iloc[-1]):.3g} (the observed std of {len(end)} "
+                            f"seeds is itself uncertain by about {100 / np.sqrt(2 * (len(end) - 1)):.0f}%)")
+            table["predicted_std_end_2nd"] = float(std2.iloc[-1])
+        # out of sample: one seed's terms predict the other seeds' K(t)
+        src = k.columns[0]
+        ek, sd = frames[src]["EK_pred"].reindex(k.index), np.sqrt(frames[src]["VarK_pred"].reindex(k.index))
+        ax.plot(t, ek + 1.96 * sd, color="C3", lw=0.7, ls=":", label=f"95% band from seed {src}'s terms alone")
+        ax.plot(t, ek - 1.96 * sd, color="C3", lw=0.7, ls=":")
+        ax.legend(fontsize=7, loc="lower right")
+        oos = {sde: ch4.out_of_sample(frames, sde) for sde in ("thesis", "second_order")}
+        findings += ch4.out_of_sample_findings(oos, "")
+        for sde, res in oos.items():
+            if res is not None:
+                sfx = "" if sde == "thesis" else "_2nd"
+                table[f"oos_z_rms{sfx}"], table[f"oos_coverage{sfx}"] = res["z_rms"], res["coverage"]
+                table[f"oos_z_mean{sfx}"] = res["z_mean"]
+        fwd = [(f"sampling seed {r.get('seed.sampling')}", ch4.forward_prediction(r.metrics, float(cfg.optim.lr)))
+               for r in ok]
+        findings += ch4.forward_findings(fwd)
+        for (label, f), r in zip(fwd, ok):
+            for key, val in (f or {}).items():
+                table.loc[table["sampling_seed"] == r.get("seed.sampling"), key] = val
+    notes = [ch4.IN_SAMPLE_NOTE, *ch4.sampling_note(cfg), *ch4.scale_note(cfg)]
+    write_outputs(cfg, fig_dir, fig, table, runs, findings or ["no completed run"], notes=notes)

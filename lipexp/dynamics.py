@@ -8,7 +8,11 @@ Per step and per weight matrix W (m x n, Conv2d reshaped to out x in*kh*kw) with
 - ``mu = <u_1 v_1^T, dW> / (s_1 * lr)`` from the applied update ``dW`` (plain SGD: ``-u_1^T g v_1 / s_1``);
 - ``lambda2 = lr / s_1^2 * J^T Sigma J`` and ``kappa = lr / (2 s_1) * <H, Sigma>``, with
   ``Sigma = grad_scale^2 * sum_i vec(G~_i) vec(G~_i)^T / (M (M-1)) + noise_var * I``, ``G~_i = G_i - mean G``,
-  J and H the gradient and Hessian of ``s_1`` (thesis Lemmas 4.6.2, 4.6.3).
+  J and H the gradient and Hessian of ``s_1`` (thesis Lemmas 4.6.2, 4.6.3);
+- beyond the thesis (docs/sde_second_order.md): ``mu2 = lr/(2 s_1) vec(d)^T H vec(d) - lr/(2 s_1^2) (J^T vec(d))^2``
+  with ``d = dW / lr``, the second-order drift that Theorem 4.6.5 drops, and ``lambda2_full``, the layer's
+  share ``Cov(layer noise, network noise)`` of the network diffusion with the cross-layer covariances
+  (thesis Assumption 4.3.1 drops them); ``network_sums`` gives ``mu2_Z`` and ``lambda2_Z_full``.
 
 Which weights, their matrix views and how each layer type's hooks produce the projections below:
 ``lipexp.layers.find_weights`` and the handler registry ``lipexp.handlers.HANDLERS``.
@@ -74,10 +78,13 @@ __all__ = [
     "hessian_quadratic_sum",
     "hessian_trace",
     "hessian_diagonal_dot",
+    "second_order_drift",
+    "cross_layer_lambda2",
     "conv_b_projection",
 ]
 
 TERMS = ("sigma1", "mu", "kappa", "lambda2")
+SECOND_TERMS = ("mu2", "lambda2_full")  # beyond the thesis: docs/sde_second_order.md
 SPLIT_TERMS = ("kappa_var", "kappa_cov", "lambda2_var", "lambda2_cov")
 
 
@@ -247,6 +254,39 @@ def hessian_diagonal_dot(geo: OpNormGeometry, d: torch.Tensor) -> torch.Tensor:
     beta = (1.0 + (t * t).sum(0) - 2.0 * p1 * p1) / s1
     cross = a_inv @ w - torch.outer(q1, p1) / s1
     return alpha @ d @ (p1 * p1) + (q1 * q1) @ d @ beta + 2.0 * (q1 @ (cross * d) @ p1)
+
+
+def second_order_drift(geo: OpNormGeometry, d_v: torch.Tensor, dt_u: torch.Tensor, lr: float) -> torch.Tensor:
+    """``mu2 = lr/(2 s1) vec(d)^T H vec(d) - lr/(2 s1^2) (J^T vec(d))^2`` for one update direction ``d``
+    (the applied update over lr, m x n), from its projections ``d_v = d v1`` (m,) and ``dt_u = d^T u1`` (n,).
+
+    ``lr * mu2`` is the second-order term of ``log s1(W + lr d) - log s1(W)``, which Theorem 4.6.5 drops
+    (its expectation over the batch noise holds ``kappa - lambda2/2``; docs/sde_second_order.md). One
+    triangular solve with one right-hand side, float64.
+    """
+    d_v, dt_u = d_v.to(torch.float64), dt_u.to(torch.float64)
+    q = hessian_quadratic_sum(geo, d_v[None], dt_u[None])
+    jd = geo.u1 @ d_v
+    return lr / (2 * geo.s1) * q - lr / (2 * geo.s1**2) * jd * jd
+
+
+def cross_layer_lambda2(rows: list[tuple[torch.Tensor | None, torch.Tensor]]) -> list[torch.Tensor]:
+    """Each layer's share of the full network diffusion ``lambda2_Z_full = |sum_l r_l|^2 + sum_l n_l``.
+
+    ``rows[l] = (r_l, n_l)``: ``r_l`` (M,) float64 the per-sample noise on ``log s1`` of layer l
+    (``|r_l|^2`` is its block-diagonal lambda2 without injected noise; None for a layer without
+    per-sample gradients) and ``n_l`` the injected isotropic noise's part (independent across layers).
+    The share is ``r_l . R + n_l`` with ``R = sum_k r_k``: the covariance of layer l's noise with the
+    network's, so the shares sum to the full value. NaN for all if the layers saw different batch sizes.
+    """
+    rs = [r for r, _ in rows if r is not None]
+    if not rs:
+        return [n + 0.0 for _, n in rows]
+    if len({r.shape for r in rs}) > 1:
+        nan = torch.full((), float("nan"), dtype=torch.float64, device=rs[0].device)
+        return [nan for _ in rows]
+    total = torch.stack(rs).sum(0)
+    return [n + (r @ total if r is not None else 0.0) for r, n in rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,11 +460,12 @@ def _top_group(w: torch.Tensor, groups: int, name: str) -> int:
 
 
 def _single_sample_nan(out: dict[str, dict[str, float]], layers: list[_Layer]) -> None:
-    """A 1-sample batch has no sample covariance: its kappa and lambda2 (and split parts) are NaN."""
+    """A 1-sample batch has no sample covariance: its kappa and lambda2 (and split parts) are NaN; the
+    drift terms (mu, and mu2 from the applied update) stand."""
     for layer in layers:
         if layer.single:
             for k in out[layer.name]:
-                if k not in ("sigma1", "mu"):
+                if k not in ("sigma1", "mu", "mu2"):
                     out[layer.name][k] = float("nan")
 
 
@@ -445,7 +486,7 @@ class DynamicsTracker:
         losses = loss_fn(model(x), y)        # (M,) per-sample losses, ONE forward with grad
         losses.mean().backward()
         optimizer.step()                     # or any manual update (weight decay, scaling, noise)
-        terms = tracker.end()                # {param name: {sigma1, mu, kappa, lambda2[, *_var, *_cov]}}
+        terms = tracker.end()                # {param name: {sigma1, mu, kappa, lambda2, mu2, lambda2_full[, *_var, *_cov]}}
 
     Hooks capture only between ``begin()`` and ``end()``: work done before ``begin()`` (an FGSM attack's
     forward/backward) is not seen, and forwards under ``torch.no_grad()`` are ignored. A second
@@ -532,6 +573,7 @@ class DynamicsTracker:
         self._starts: dict[str, torch.Tensor] = {}
         self._last: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self._handles: list = []
+        self._noise_rows: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
         if not sigma1_only:
             self._install()
 
@@ -649,7 +691,7 @@ class DynamicsTracker:
         lr = self._step_lr()
         self._verify_grads()
         names, rows = [], []
-        self._last = {}
+        self._last, self._noise_rows = {}, {}
         with torch.no_grad(), _cpu_threads(self.linalg_threads):
             for layer in self.layers:
                 if layer.grads < layer.calls:
@@ -665,8 +707,11 @@ class DynamicsTracker:
                     self._check_update(layer, dw, lr)
                 names.append(layer.name)
                 rows.append(self._layer_terms(layer, layer.matrix(dw), lr))
+            full = cross_layer_lambda2([self._noise_rows[name] for name in names])
+            rows = [r[:5] + [f] + r[5:] for r, f in zip(rows, full)]
             values = torch.stack([torch.stack(r) for r in rows]).tolist()  # one device sync
-        keys = TERMS + (SPLIT_TERMS if self.split else ())
+        self._noise_rows = {}
+        keys = TERMS + SECOND_TERMS + (SPLIT_TERMS if self.split else ())
         out = {name: dict(zip(keys, vals)) for name, vals in zip(names, values)}
         _single_sample_nan(out, self.layers)
         for layer in self.layers:
@@ -767,13 +812,16 @@ class DynamicsTracker:
     def _layer_terms(self, layer: _Layer, dw: torch.Tensor, lr: float) -> list[torch.Tensor]:
         geo = layer.geo
         s1, u1, v1 = geo.s1, geo.u1, geo.v1
-        mu = (u1 @ (dw.to(torch.float64) @ v1)) / (s1 * lr)
+        dv = dw.to(torch.float64) @ v1  # (m,): d v1 times lr
+        mu = (u1 @ dv) / (s1 * lr)
+        mu2 = second_order_drift(geo, dv / lr, dw.to(torch.float64).T @ u1 / lr, lr)
         gs2, nv = self.grad_scale**2, self.noise_var
         zero = s1.new_zeros(())
         noise_lam = lr * nv / s1**2
         noise_kap = lr / (2 * s1) * nv * hessian_trace(geo) if nv else zero
         if layer.a is None:  # not used by this forward: no per-sample gradient, only the deterministic drift
-            out = [s1, mu, zero + noise_kap, zero + noise_lam]
+            self._noise_rows[layer.name] = (None, zero + noise_lam)
+            out = [s1, mu, zero + noise_kap, zero + noise_lam, mu2]
             return out + ([zero + noise_kap, zero, zero + noise_lam, zero] if self.split else [])
         a, b = layer.a, layer.b  # at the scale of the reduced loss: per-sample = scale * these
         mb = a.shape[0]
@@ -784,9 +832,12 @@ class DynamicsTracker:
         ac, bc = a - a.mean(0), b - b.mean(0)
         wbc = None if layer.wb is None else layer.wb - layer.wb.mean(0)
         q = hessian_quadratic_sum(geo, ac, bc, wbc)
-        lam = lr / s1**2 * coef * ((ac @ layer.u1).double() ** 2).sum() + noise_lam
+        # r_i = sqrt(lr c) J^T vec(G~_i) / s1: sample i's noise on this layer's log s1, |r|^2 = lambda2
+        r = math.sqrt(lr * coef) * (ac @ layer.u1).double() / s1
+        self._noise_rows[layer.name] = (r, noise_lam)
+        lam = (r * r).sum() + noise_lam
         kap = lr / (2 * s1) * coef * q + noise_kap
-        out = [s1, mu, kap, lam]
+        out = [s1, mu, kap, lam, mu2]
         if self.split:
             d = (layer.sumsq - layer.gsum * layer.gsum / mb).double()  # sum_i (G_i - mean G)^2 / scale^2
             lam_var = lr / s1**2 * coef * ((u1 * u1) @ d @ (v1 * v1)) + noise_lam
@@ -861,7 +912,8 @@ def _sgd_update(ref: WeightRef, lr: float) -> torch.Tensor:
 
 
 def network_sums(terms: dict[str, dict[str, float]]) -> dict[str, float]:
-    """``mu_Z``, ``kappa_Z``, ``lambda2_Z`` (and ``*_Z_var``/``*_Z_cov`` when split): sums over layers.
+    """``mu_Z``, ``kappa_Z``, ``lambda2_Z``, and when present ``mu2_Z``, ``lambda2_Z_full`` (the diffusion
+    with the cross-layer covariances) and ``*_Z_var``/``*_Z_cov`` (split): sums over layers.
 
     NaN terms (kappa, lambda2 of a 1-sample batch) count as 0, so a short last batch moves the
     prediction by its drift alone instead of ending it.
@@ -874,6 +926,10 @@ def network_sums(terms: dict[str, dict[str, float]]) -> dict[str, float]:
 
     for key in ("mu", "kappa", "lambda2"):
         out[f"{key}_Z"] = total(key)
+    if "mu2" in first:
+        out["mu2_Z"] = total("mu2")
+    if "lambda2_full" in first:
+        out["lambda2_Z_full"] = total("lambda2_full")
     for key in SPLIT_TERMS:
         if key in first:
             base, part = key.split("_")
@@ -886,34 +942,70 @@ def term_columns(terms: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"{key}/{name}": val for name, t in terms.items() for key, val in t.items()}
 
 
+SDES = ("thesis", "second_order")
+
+
+def _check_sde(sde: str) -> None:
+    if sde not in SDES:
+        raise ValueError(f"unknown sde {sde!r}; choose 'thesis' (Theorems 4.6.7-4.6.8) or 'second_order' "
+                         "(with mu2 and the cross-layer diffusion, docs/sde_second_order.md)")
+
+
 class KIntegrator:
     """Running path prediction and moments of K(t) (theory.md §3, thesis Theorems 4.6.7, 4.6.8).
 
     ``update(terms)`` at step k returns the empirical ``K_emp = prod sigma1`` before the step, the
-    prediction for the same step from steps 0..k-1 (``K_pred``, ``EK_pred``, ``VarK_pred``), and this
-    step's network sums; then it advances by ``dt = lr``. ``k0`` defaults to the first ``K_emp``.
+    prediction for the same step from steps 0..k-1 (``K_pred``, ``Z_pred``, ``EK_pred``, ``VarK_pred``),
+    and this step's network sums; then it advances by ``dt = lr``. ``k0`` defaults to the first ``K_emp``.
+
+    Two SDEs (docs/sde_second_order.md), both integrated whenever the terms carry ``mu2`` and
+    ``lambda2_full`` (the tracker's always do):
+
+    - ``thesis``: ``Z += dt (mu_Z + kappa_Z - lambda2_Z / 2)``, ``E[K] = K0 exp(sum dt (mu_Z + kappa_Z))``,
+      ``Var[K] = E[K]^2 (exp(sum dt lambda2_Z) - 1)``;
+    - ``second_order``: ``Z += dt (mu_Z + mu2_Z)`` (the realised second-order drift, whose expectation
+      holds ``kappa_Z - lambda2_Z / 2``), ``V = sum dt lambda2_Z_full``, ``E[K] = exp(Z + V/2)``,
+      ``Var[K] = E[K]^2 (exp(V) - 1)``.
+
+    ``sde`` names the one reported as ``K_pred``/``Z_pred``/``EK_pred``/``VarK_pred``; the other gets the
+    suffix ``_2nd`` (sde='thesis', the default) or ``_thesis`` (sde='second_order'). With
+    sde='second_order' terms without ``mu2``/``lambda2_full`` are an error; with 'thesis' they only
+    turn the second-order columns off for the rest of the run.
     """
 
-    def __init__(self, lr: float, k0: float | None = None):
-        self.lr = float(lr)
+    def __init__(self, lr: float, k0: float | None = None, sde: str = "thesis"):
+        _check_sde(sde)
+        self.lr, self.sde = float(lr), sde
         self.z0 = None if k0 is None else math.log(k0)
         self.z_pred = self.z0
         self.drift = 0.0  # sum dt (mu_Z + kappa_Z)
         self.var = 0.0  # sum dt lambda2_Z
+        self.drift2: float | None = 0.0  # sum dt (mu_Z + mu2_Z); None once a step lacked the terms
+        self.var_full: float | None = 0.0  # sum dt lambda2_Z_full
 
     def update(self, terms: dict[str, dict[str, float]], lr: float | None = None) -> dict[str, float]:
-        missing = [k for k in ("mu", "kappa", "lambda2") if k not in next(iter(terms.values()))]
+        first = next(iter(terms.values()))
+        missing = [k for k in ("mu", "kappa", "lambda2") if k not in first]
         if missing:
             raise ValueError(f"terms lack {missing}: a sigma1_only tracker cannot drive the prediction")
+        has2 = all(k in first for k in SECOND_TERMS)
+        if self.sde == "second_order" and not has2:
+            raise ValueError("sde='second_order' needs the terms 'mu2' and 'lambda2_full' (DynamicsTracker and "
+                             "step_terms return them); use sde='thesis' for terms without them")
         dt = self.lr if lr is None else float(lr)
         z_emp = sum(math.log(t["sigma1"]) for t in terms.values())
         if self.z0 is None:
             self.z0 = self.z_pred = z_emp
         sums = network_sums(terms)
+        if not has2:
+            self.drift2 = self.var_full = None
         row = {"K_emp": math.exp(z_emp), "Z_emp": z_emp, **self.prediction(), **sums}
         self.z_pred += dt * (sums["mu_Z"] + sums["kappa_Z"] - 0.5 * sums["lambda2_Z"])
         self.drift += dt * (sums["mu_Z"] + sums["kappa_Z"])
         self.var += dt * sums["lambda2_Z"]
+        if self.drift2 is not None:
+            self.drift2 += dt * (sums["mu_Z"] + sums["mu2_Z"])
+            self.var_full += dt * sums["lambda2_Z_full"]
         return row
 
     def prediction(self) -> dict[str, float]:
@@ -921,31 +1013,61 @@ class KIntegrator:
         if self.z0 is None:
             raise ValueError("no step integrated yet: call update() first")
         ek = math.exp(self.z0 + self.drift)
-        return {
+        thesis = {
             "K_pred": math.exp(self.z_pred),
             "Z_pred": self.z_pred,
             "EK_pred": ek,
             "VarK_pred": ek * ek * math.expm1(self.var),
         }
+        if self.drift2 is None:
+            return thesis
+        z2 = self.z0 + self.drift2
+        ek2 = math.exp(z2 + 0.5 * self.var_full)
+        second = {"K_pred": math.exp(z2), "Z_pred": z2, "EK_pred": ek2, "VarK_pred": ek2 * ek2 * math.expm1(self.var_full)}
+        main, other, suffix = (thesis, second, "_2nd") if self.sde == "thesis" else (second, thesis, "_thesis")
+        return {**main, **{k + suffix: v for k, v in other.items()}}
 
-    def state_dict(self) -> dict[str, float | None]:
-        """Everything needed to resume the integration exactly (saved in training checkpoints)."""
-        return {"lr": self.lr, "z0": self.z0, "z_pred": self.z_pred, "drift": self.drift, "var": self.var}
+    def state_dict(self) -> dict[str, float | str | None]:
+        """Everything needed to resume the integration exactly (saved in training checkpoints; plain floats)."""
+        return {"lr": self.lr, "z0": self.z0, "z_pred": self.z_pred, "drift": self.drift, "var": self.var,
+                "drift2": self.drift2, "var_full": self.var_full, "sde": self.sde}
 
     def load_state_dict(self, state: dict) -> None:
         self.lr, self.z0, self.z_pred, self.drift, self.var = (state[k] for k in ("lr", "z0", "z_pred", "drift", "var"))
+        # a checkpoint written before the second-order terms existed: they cannot be resumed mid-run
+        self.drift2, self.var_full = state.get("drift2"), state.get("var_full")
+        self.sde = state.get("sde", self.sde)
+        _check_sde(self.sde)
 
 
 def integrate(
-    lr: float | Iterable[float], z0: float, mu_z: Iterable[float], kappa_z: Iterable[float], lambda2_z: Iterable[float]
+    lr: float | Iterable[float],
+    z0: float,
+    mu_z: Iterable[float],
+    kappa_z: Iterable[float],
+    lambda2_z: Iterable[float],
+    mu2_z: Iterable[float] | None = None,
+    lambda2_z_full: Iterable[float] | None = None,
+    sde: str = "thesis",
 ) -> dict[str, np.ndarray]:
-    """Vectorised ``KIntegrator``: arrays of ``Z_pred, K_pred, EK_pred, VarK_pred`` at steps 0..T-1."""
+    """Vectorised ``KIntegrator``: arrays of ``Z_pred, K_pred, EK_pred, VarK_pred`` at steps 0..T-1 for
+    one SDE (``sde='second_order'`` needs ``mu2_z`` and ``lambda2_z_full``; it does not use kappa_z and
+    lambda2_z, whose expectation mu2_z holds)."""
+    _check_sde(sde)
     mu, ka, la = (np.asarray(v, dtype=np.float64) for v in (mu_z, kappa_z, lambda2_z))
     dt = np.broadcast_to(np.asarray(lr, dtype=np.float64), mu.shape)
 
     def before(v):  # sum over the steps strictly before each step
         return np.concatenate([[0.0], np.cumsum(v)[:-1]])
 
+    if sde == "second_order":
+        if mu2_z is None or lambda2_z_full is None:
+            raise ValueError("integrate(..., sde='second_order') needs mu2_z and lambda2_z_full")
+        mu2, lf = np.asarray(mu2_z, dtype=np.float64), np.asarray(lambda2_z_full, dtype=np.float64)
+        z = z0 + before(dt * (mu + mu2))
+        v = before(dt * lf)
+        ek = np.exp(z + 0.5 * v)
+        return {"Z_pred": z, "K_pred": np.exp(z), "EK_pred": ek, "VarK_pred": ek * ek * np.expm1(v)}
     z = z0 + before(dt * (mu + ka - 0.5 * la))
     ek = np.exp(z0 + before(dt * (mu + ka)))
     return {"Z_pred": z, "K_pred": np.exp(z), "EK_pred": ek, "VarK_pred": ek * ek * np.expm1(before(dt * la))}

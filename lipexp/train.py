@@ -554,17 +554,19 @@ def summarize(df, lr: float) -> dict:
     """Run scalars from the metrics table: final K and accuracies, and max_t |K_pred - K_emp| / K_emp."""
     out: dict = {"steps": int(df["step"].max()) if len(df) else 0}
     last = df.iloc[-1] if len(df) else {}
-    for key in ("K_emp", "K_pred", "EK_pred", "VarK_pred", "train_loss", "train_acc", "test_loss", "test_acc"):
+    for key in ("K_emp", "K_pred", "EK_pred", "VarK_pred", "K_pred_2nd", "EK_pred_2nd", "VarK_pred_2nd",
+                "train_loss", "train_acc", "test_loss", "test_acc"):
         if key in df:
             out[f"final_{key}"] = float(last[key])
     if "K_emp" in df:
         out["K0"] = float(df["K_emp"].dropna().iloc[0])
-    if "K_pred" in df and "K_emp" in df:
-        both = df[["K_pred", "K_emp"]].dropna()
-        rel = (both["K_pred"] - both["K_emp"]).abs() / both["K_emp"]
-        out["max_rel_err"] = float(rel.max())
-        out["final_rel_err"] = float(rel.iloc[-1])
-    for key in ("mu_Z", "kappa_Z", "lambda2_Z"):
+    for pred, suffix in (("K_pred", ""), ("K_pred_2nd", "_2nd")):  # thesis SDE; second order (mu2, full lambda2)
+        if pred in df and "K_emp" in df:
+            both = df[[pred, "K_emp"]].dropna()
+            rel = (both[pred] - both["K_emp"]).abs() / both["K_emp"]
+            out[f"max_rel_err{suffix}"] = float(rel.max())
+            out[f"final_rel_err{suffix}"] = float(rel.iloc[-1])
+    for key in ("mu_Z", "kappa_Z", "lambda2_Z", "mu2_Z", "lambda2_Z_full"):
         if key in df:
             out[f"int_{key}"] = float(lr * df[key].dropna().sum())  # int_0^t of the term, dt = lr per step
     return out

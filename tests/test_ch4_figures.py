@@ -61,3 +61,42 @@ def test_sample_variance_error_bars_match_monte_carlo():
     assert np.std(slopes) == pytest.approx(ch4.sample_variance_slope_se(m, n), rel=0.06)
     assert abs(np.mean(log_ratios)) < 0.04
     assert np.std(log_ratios) == pytest.approx(ch4.log_ratio_mean_se([1, 1, 1], n)[1], rel=0.06)
+
+
+def test_out_of_sample_check_is_calibrated_on_runs_drawn_from_the_sde():
+    # 40 "runs" whose log K is a Gaussian random walk with the per-step variance the prediction states:
+    # one run's path as the mean and its predicted std must give z rms sqrt(2) and coverage erf(1.96/2)
+    import numpy as np
+
+    from experiments import ch4
+
+    rng = np.random.default_rng(1)
+    steps, lr, lam2, drift = 300, 0.01, 0.005, 0.3  # Var[log K(T)] = 0.015: K nearly Gaussian, as in training
+    frames = {}
+    for s in range(40):
+        z = np.log(2.0) + np.concatenate([[0.0], np.cumsum(lr * drift + np.sqrt(lr * lam2) * rng.normal(size=steps))])
+        v = lr * lam2 * np.arange(steps + 1)
+        ek = np.exp(z + v / 2)
+        frames[s] = pd.DataFrame({"K_emp": np.exp(z), "EK_pred": ek, "VarK_pred": ek**2 * np.expm1(v)})
+    res = ch4.out_of_sample(frames)
+    assert res["n_pairs"] == 40 * 39
+    assert abs(res["z_rms"] - ch4.PAIR_Z_STD) < 0.15 and abs(res["z_mean"]) < 0.2
+    assert abs(res["coverage"] - ch4.PAIR_COVERAGE) < 0.05
+    assert ch4.out_of_sample({0: frames[0]}) is None
+    # a prediction with too small a spread is caught
+    narrow = {s: f.assign(VarK_pred=f["VarK_pred"] / 16) for s, f in frames.items()}
+    assert ch4.out_of_sample(narrow)["coverage"] < 0.5
+
+
+def test_forward_prediction_extrapolates_the_early_terms():
+    import numpy as np
+
+    from experiments import ch4
+
+    steps, lr = 100, 0.1
+    mu = np.full(steps, 0.2)  # constant drift: the forward extrapolation is exact
+    z = np.log(3.0) + np.concatenate([[0.0], np.cumsum(lr * mu)])
+    df = pd.DataFrame({"step": np.arange(steps + 1), "K_emp": np.exp(z),
+                       "mu_Z": np.append(mu, np.nan), "kappa_Z": np.append(np.zeros(steps), np.nan)})
+    f = ch4.forward_prediction(df, lr)
+    assert f["fwd_from_step"] == 20 and f["fwd_rel_err"] < 1e-12 and f["fwd_rel_err_constant"] > 0.5

@@ -411,6 +411,137 @@ def test_weight_decay_and_injected_noise_against_brute_force():
         assert rel(terms_wd[name]["mu"], terms0[name]["mu"] - wd) <= 1e-9
 
 
+# ---------------------------------------------------------------------------------------------
+# Beyond the thesis: the second-order drift mu2 and the cross-layer diffusion (docs/sde_second_order.md)
+# ---------------------------------------------------------------------------------------------
+TOL2 = 1e-8
+
+
+def brute_mu2(w, dw, lr):
+    """lr/(2 s1) vec(d)^T H vec(d) - lr/(2 s1^2) (J^T vec(d))^2, d = dW / lr, H and J by autograd."""
+    w = w.detach().reshape(w.shape[0], -1).double()
+    d = (dw.reshape(w.shape) / lr).double().reshape(-1)
+    s1 = float(s1_fn(w))
+    jac = torch.autograd.functional.jacobian(s1_fn, w).reshape(-1)
+    hess = torch.autograd.functional.hessian(s1_fn, w).reshape(d.numel(), d.numel())
+    return lr / (2 * s1) * float(d @ hess @ d) - lr / (2 * s1**2) * float(jac @ d) ** 2
+
+
+def brute_full_lambda2(model, grads, lr, grad_scale=1.0, noise_var=0.0):
+    """lr J_Z^T Sigma J_Z over all weights at once (Sigma with the cross-layer blocks), J_Z = (J_l / s1_l)_l,
+    from explicit per-sample gradients; and each layer's share lr J_l^T Sigma_{l,:} J_Z / s1_l."""
+    cols, jz, noise = [], [], []
+    for name, mod in weight_layers(model):
+        w = mod.weight.detach().reshape(mod.weight.shape[0], -1)
+        s1 = float(s1_fn(w))
+        cols.append(grads[name].reshape(grads[name].shape[0], -1))
+        jz.append(torch.autograd.functional.jacobian(s1_fn, w).reshape(-1) / s1)
+        noise.append(lr * noise_var / s1**2)
+    g = torch.cat(cols, 1)
+    mb = g.shape[0]
+    proj = (g - g.mean(0)) @ torch.cat(jz)  # (M,): J_Z . vec(G~_i)
+    c = lr * grad_scale**2 / (mb * (mb - 1))
+    shares = {}
+    for (name, _), col, j, nz in zip(weight_layers(model), cols, jz, noise):
+        shares[name] = c * float((((col - col.mean(0)) @ j) * proj).sum()) + nz
+    return c * float((proj * proj).sum()) + sum(noise), shares
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_mu2_and_full_lambda2_against_brute_force(kind):
+    torch.manual_seed(0)
+    model, shape = (mlp(), (6,)) if kind == "mlp" else (cnn(), (2, 9, 9))
+    x, y = data(shape)
+    lr = 0.05
+    grads = per_sample_grads(model, x, y)
+    got = step_terms(model, ce, x, y, lr, split=True)
+    for name, mod in weight_layers(model):
+        ref = brute_mu2(mod.weight, -lr * grads[name].mean(0), lr)
+        assert rel(got[name]["mu2"], ref) <= TOL2, (name, got[name]["mu2"], ref)
+    full, shares = brute_full_lambda2(model, grads, lr)
+    sums = network_sums(got)
+    assert rel(sums["lambda2_Z_full"], full) <= TOL2, (sums["lambda2_Z_full"], full)
+    for name in shares:
+        assert rel(got[name]["lambda2_full"], shares[name]) <= TOL2, name
+    # the cross-layer covariances are really there (else the test could not tell the two apart)
+    assert rel(sums["lambda2_Z_full"], sums["lambda2_Z"]) > 1e-3
+
+
+def test_mu2_with_weight_decay_noise_and_warm_start_against_brute_force():
+    """Realised update with weight decay, gradient scaling and injected noise, over three steps."""
+    torch.manual_seed(0)
+    model = mlp()
+    lr, wd, gsc, nv = 0.05, 0.1, 0.7, 0.3
+    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
+    tr = DynamicsTracker(model, lr, grad_scale=gsc, noise_var=nv, optimizer=opt)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(3):
+        x, y = data((6,), seed=step)
+        grads = per_sample_grads(model, x, y)
+        before = {name: mod.weight.detach().clone() for name, mod in weight_layers(model)}
+        tr.begin()
+        opt.zero_grad()
+        ce(model(x), y).mean().backward()
+        for p in model.parameters():
+            p.grad.mul_(gsc).add_(math.sqrt(nv) * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        opt.step()
+        got = tr.end()
+        for name, mod in weight_layers(model):
+            ref = brute_mu2(before[name], mod.weight.detach() - before[name], lr)
+            assert rel(got[name]["mu2"], ref) <= TOL2, (step, name, got[name]["mu2"], ref)
+    tr.close()
+    # the last step's weights are gone; the noise part of the full diffusion is still block-diagonal
+    cur = {name: mod for name, mod in weight_layers(model)}
+    with torch.no_grad():
+        for mod in cur.values():
+            mod.weight.copy_(before[[n for n, m in cur.items() if m is mod][0]])
+    full, _ = brute_full_lambda2(model, grads, lr, grad_scale=gsc, noise_var=nv)
+    assert rel(network_sums(got)["lambda2_Z_full"], full) <= TOL2
+
+
+def test_mu2_is_the_second_order_change_of_log_sigma1():
+    """lr * mu2 is log s1(W + dW) - log s1(W) - lr * mu up to O(lr^3): the formula, not only its code."""
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = data((6,))
+    for lr in (1e-3, 1e-4):
+        got = step_terms(model, ce, x, y, lr)
+        for name, mod in weight_layers(model):
+            w = mod.weight.detach()
+            dz = math.log(float(s1_fn(w - lr * mod.weight.grad))) - math.log(float(s1_fn(w)))
+            second = dz - lr * got[name]["mu"]
+            assert abs(second / (lr * got[name]["mu2"]) - 1) < 50 * lr, (lr, name, second, lr * got[name]["mu2"])
+        model.zero_grad()
+
+
+def test_full_lambda2_with_sum_reduction_and_unused_layer():
+    torch.manual_seed(0)
+
+    class TwoHeads(nn.Module):  # the second head is not used: it has no per-sample gradients
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.unused = nn.Linear(5, 7), nn.Linear(7, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    model = TwoHeads().double()
+    x, y = data((5,))
+    grads = per_sample_grads(model, x, y)
+    lr = 0.02
+    tr = DynamicsTracker(model, lr, reduction="sum", noise_var=0.2)
+    tr.begin()
+    ce(model(x), y).sum().backward()
+    got = tr.end({n: -lr / len(y) * mod.weight.grad if mod.weight.grad is not None else torch.zeros_like(mod.weight)
+                  for n, mod in weight_layers(model)})
+    tr.close()
+    grads["unused.weight"] = torch.zeros(len(y), 3, 3, dtype=torch.float64)
+    full, shares = brute_full_lambda2(model, grads, lr, noise_var=0.2)
+    assert rel(network_sums(got)["lambda2_Z_full"], full) <= TOL2
+    for name in shares:
+        assert rel(got[name]["lambda2_full"], shares[name]) <= TOL2, name
+
+
 def test_step_terms_leaves_parameters_unchanged_and_removes_hooks():
     torch.manual_seed(0)
     model = cnn()
@@ -419,12 +550,12 @@ def test_step_terms_leaves_parameters_unchanged_and_removes_hooks():
     terms = step_terms(model, ce, x, y, 0.01)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert all(not m._forward_hooks for m in model.modules())
-    assert set(terms["0.weight"]) == {"sigma1", "mu", "kappa", "lambda2"}
+    assert set(terms["0.weight"]) == {"sigma1", "mu", "kappa", "lambda2", "mu2", "lambda2_full"}
     exact = top_singular_values(model)
     assert all(rel(terms[k]["sigma1"], exact[k]) <= 1e-13 for k in exact)
     cols = term_columns(terms)
     assert cols["sigma1/0.weight"] == terms["0.weight"]["sigma1"]
-    assert len(cols) == 4 * len(terms)
+    assert len(cols) == 6 * len(terms)
 
 
 def test_float32_model_close_to_float64():
@@ -651,3 +782,82 @@ def test_integrator_state_round_trip_continues_exactly():
     rows += [resumed.update(t) for t in terms[3:]]
     assert rows == ref_rows
     assert resumed.prediction() == ref.prediction()
+
+
+def test_second_order_integrator_against_hand_computation_and_vectorised():
+    lr = 0.1
+
+    def t(s1, mu, kappa, lam2, mu2, full):
+        return {"sigma1": s1, "mu": mu, "kappa": kappa, "lambda2": lam2, "mu2": mu2, "lambda2_full": full}
+
+    steps = [
+        {"a": t(2.0, 0.3, 0.05, 0.2, 0.07, 0.25), "b": t(3.0, -0.1, 0.01, 0.1, 0.02, 0.12)},
+        {"a": t(2.1, 0.2, 0.04, 0.3, 0.01, 0.20), "b": t(2.9, 0.0, 0.02, 0.0, -0.03, 0.05)},
+        {"a": t(2.2, 0.1, 0.03, 0.1, 0.00, 0.10), "b": t(2.8, 0.1, 0.00, 0.1, 0.04, 0.10)},
+    ]
+    z0 = math.log(6.0)
+    for sde, main, other in (("thesis", "", "_2nd"), ("second_order", "_2nd", "")):
+        integ = KIntegrator(lr, sde=sde)
+        rows = [integ.update(s) for s in steps]
+        suffix = {"": "_thesis" if sde == "second_order" else "", "_2nd": "_2nd" if sde == "thesis" else ""}
+        z2 = z0 + 0.1 * (0.2 + 0.09) + 0.1 * (0.2 - 0.02)  # mu_Z + mu2_Z of steps 0 and 1
+        v = 0.1 * 0.37 + 0.1 * 0.25  # lambda2_Z_full of steps 0 and 1
+        ek2 = math.exp(z2 + v / 2)
+        assert rows[2]["Z_pred" + suffix["_2nd"]] == pytest.approx(z2, rel=1e-14)
+        assert rows[2]["K_pred" + suffix["_2nd"]] == pytest.approx(math.exp(z2), rel=1e-14)
+        assert rows[2]["EK_pred" + suffix["_2nd"]] == pytest.approx(ek2, rel=1e-14)
+        assert rows[2]["VarK_pred" + suffix["_2nd"]] == pytest.approx(ek2**2 * math.expm1(v), rel=1e-12)
+        z1 = z0 + 2 * 0.1 * (0.2 + 0.06 - 0.5 * 0.3)  # the thesis' path is unchanged by the new terms
+        assert rows[2]["Z_pred" + suffix[""]] == pytest.approx(z1, rel=1e-14)
+        assert rows[1]["mu2_Z"] == pytest.approx(-0.02) and rows[1]["lambda2_Z_full"] == pytest.approx(0.25)
+        cols = {k: [r[k] for r in rows] for k in ("mu_Z", "kappa_Z", "lambda2_Z", "mu2_Z", "lambda2_Z_full")}
+        vec = integrate(lr, z0, cols["mu_Z"], cols["kappa_Z"], cols["lambda2_Z"], cols["mu2_Z"],
+                        cols["lambda2_Z_full"], sde=sde)
+        for k in ("Z_pred", "K_pred", "EK_pred", "VarK_pred"):
+            assert np.allclose(vec[k], [r[k] for r in rows], rtol=1e-14), (sde, k)
+    with pytest.raises(ValueError, match="mu2"):
+        KIntegrator(lr, sde="second_order").update({"a": {"sigma1": 1.0, "mu": 0.0, "kappa": 0.0, "lambda2": 0.0}})
+    with pytest.raises(ValueError, match="unknown sde"):
+        KIntegrator(lr, sde="ito")
+    with pytest.raises(ValueError, match="mu2_z"):
+        integrate(lr, 0.0, [0.0], [0.0], [0.0], sde="second_order")
+    # resume mid-run repeats every bit, second-order accumulators included (plain floats: weights_only safe)
+    ref = KIntegrator(lr)
+    ref_rows = [ref.update(s) for s in steps]
+    first = KIntegrator(lr)
+    got = [first.update(s) for s in steps[:2]]
+    state = first.state_dict()
+    assert all(isinstance(v, (float, str)) for v in state.values())
+    resumed = KIntegrator(lr)
+    resumed.load_state_dict(state)
+    got += [resumed.update(s) for s in steps[2:]]
+    assert got == ref_rows and resumed.prediction() == ref.prediction()
+    assert "K_pred_2nd" in ref.prediction()
+
+
+def test_second_order_path_closes_the_gap_of_the_thesis_path():
+    """On 60 steps at a large lr the thesis' path misses K_emp by the dropped second-order drift;
+    K_pred_2nd (mu + mu2) is exact to third order, so its error is far smaller."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(400, 8, generator=g, dtype=torch.float64)
+    ys = torch.randint(0, 3, (400,), generator=g)
+    lr = 0.2
+    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=1e-3)
+    tracker = DynamicsTracker(model, lr, optimizer=opt)
+    integ = KIntegrator(lr)
+    rows = []
+    for _ in range(61):
+        idx = torch.randint(0, 400, (16,), generator=g)
+        tracker.begin()
+        opt.zero_grad()
+        ce(model(xs[idx]), ys[idx]).mean().backward()
+        opt.step()
+        rows.append(integ.update(tracker.end()))
+    tracker.close()
+    err1 = max(abs(r["Z_pred"] - r["Z_emp"]) for r in rows)
+    err2 = max(abs(r["Z_pred_2nd"] - r["Z_emp"]) for r in rows)
+    second = abs(rows[-1]["Z_emp"] - rows[0]["Z_emp"] - lr * sum(r["mu_Z"] for r in rows[:-1]))
+    assert second > 1e-3 and err2 < 0.1 * err1, (err1, err2, second)
+    assert all(r["lambda2_Z_full"] >= 0 and r["VarK_pred_2nd"] >= 0 for r in rows)

@@ -66,8 +66,6 @@ def test_resnet18(tmp_path, monkeypatch):
     assert math.isfinite(ns["summary"]["final_K_pred"]) and 0 <= ns["summary"]["final_test_acc"] <= 1
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="needs the own-tracker branch (MultiheadAttention handler); flip after merging it")
 def test_transformer(tmp_path, monkeypatch):
     ns = _run("transformer", tmp_path, monkeypatch)
     df = pd.read_parquet(tmp_path / "runs/transformer/metrics.parquet")

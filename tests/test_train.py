@@ -64,8 +64,10 @@ def test_resume_after_interrupt_gives_identical_metrics(tmp_path, tracker):
     pd.testing.assert_frame_equal(df, ref_df, check_exact=True)
     assert resumed["final_K_emp"] == ref["final_K_emp"]
     if tracker == "full":
-        assert {"K_pred", "mu_Z", "kappa/0.weight"} <= set(df.columns)
+        assert {"K_pred", "mu_Z", "kappa/0.weight", "K_pred_2nd", "EK_pred_2nd", "VarK_pred_2nd", "mu2_Z",
+                "lambda2_Z_full", "mu2/0.weight"} <= set(df.columns)
         assert resumed["max_rel_err"] == ref["max_rel_err"]
+        assert resumed["max_rel_err_2nd"] == ref["max_rel_err_2nd"]
 
 
 def test_non_finite_loss_stops_with_reason(tmp_path):
