@@ -147,7 +147,7 @@ def provenance(cfg: DictConfig) -> dict:
         **results.environment_info(),
         "figure": cfg.figure.id,
         "profile": cfg.profile.name,
-        "seeds": OmegaConf.to_container(cfg.seed),
+        "seeds": OmegaConf.to_container(cfg.seed, resolve=True),
         "device": str(resolve_device(cfg.device)),
     }
 
