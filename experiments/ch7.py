@@ -321,26 +321,31 @@ def figure(cfg: DictConfig, runs, table: pd.DataFrame):
     ax.set_title("(a) K(t) (spectral norm: not tracked)", fontsize=9)
     ax.legend(fontsize=6, ncol=2)
 
-    def sweep(ax, kind, col, ylabel, title, sign=1):
-        names = ["none"] + sorted([a for a in arms if arms[a].regularizer == kind and int(arms[a].sign) == sign],
-                                  key=lambda a: float(arms[a].beta))
-        xs = [float(arms[a].beta) if a != "none" else 0.0 for a in names]
-        _errbar(ax, range(len(names)), [ok[ok["arm"] == a][col].dropna() for a in names], label=kind)
-        ax.set_xticks(range(len(names)), [f"{x:g}" for x in xs], fontsize=7)
-        ax.set_xlabel("beta")
+    def ladder(kind, sign=1):
+        names = sorted([a for a in arms if arms[a].regularizer == kind and int(arms[a].sign) == sign],
+                       key=lambda a: float(arms[a].beta))
+        return ["none"] + names
+
+    def sweep(ax, kinds, col, ylabel, title):
+        """Each regulariser's beta ladder at positions 0 (none), 1, 2, ...; tick labels list each one's betas."""
+        labels = []
+        for kind, shift in zip(kinds, np.linspace(-0.06, 0.06, len(kinds))):
+            names = ladder(kind)
+            _errbar(ax, np.arange(len(names)) + shift, [ok[ok["arm"] == a][col].dropna() for a in names],
+                    label=kind.replace("_", " "))
+            labels.append([f"{float(arms[a].beta):g}" if a != "none" else "0" for a in names])
+        n = max(len(x) for x in labels)
+        ax.set_xticks(range(n), [" | ".join(x[i] if i < len(x) else "-" for x in labels) for i in range(n)],
+                      fontsize=7)
+        ax.set_xlabel("beta (" + " | ".join(k.replace("_", " ") for k in kinds) + ")", fontsize=8)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
 
-    sweep(axes[0, 1], "spectral_gap", "stable_rank_mean", "mean stable rank per layer",
-          "(b) gap penalty: stable rank (mean ± s.e.)")
-    ax = axes[0, 2]
-    sweep(ax, "spectral_gap", "log_K_growth", "log K_T / K_0", "(c) growth of K vs beta")
-    sweep(ax, "alignment", "log_K_growth", "log K_T / K_0", "(c) growth of K vs beta")
-    ax.legend(["spectral gap", "alignment"], fontsize=7)
-    ax = axes[1, 0]
-    sweep(ax, "alignment", "pgd_acc", "PGD accuracy", "(d) robustness vs beta")
-    sweep(ax, "spectral_gap", "pgd_acc", "PGD accuracy", "(d) robustness vs beta")
-    ax.legend(["alignment", "spectral gap"], fontsize=7)
+    sweep(axes[0, 1], ["spectral_gap"], "stable_rank_mean", "mean stable rank per layer",
+          "(b) gap penalty: stable rank (mean ± s.e. over seeds)")
+    sweep(axes[0, 2], ["spectral_gap", "alignment"], "log_K_growth", "log K_T / K_0", "(c) growth of K vs beta")
+    sweep(axes[1, 0], ["spectral_gap", "alignment"], "pgd_acc", "PGD accuracy", "(d) robustness vs beta")
     ax = axes[1, 1]
     means = arm_means(table)
     for a, r in means.iterrows():
