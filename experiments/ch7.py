@@ -171,6 +171,7 @@ def run_table(runs) -> pd.DataFrame:
         if not r.ok:
             row["reason"] = (r.status.get("reason") or "")[:160]
         row.update({m: r.summary.get(m, float("nan")) for m in METRICS})
+        row.update({k: v for k, v in r.summary.items() if k.split("/")[0] in ("gap", "cond", "stable_rank")})
         row["wall_time_s"] = r.status.get("wall_time_s", float("nan"))
         rows.append(row)
     return pd.DataFrame(rows)
