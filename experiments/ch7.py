@@ -157,7 +157,7 @@ def run(cfg: DictConfig, run_dir) -> dict:
 # ---------------------------------------------------------------- aggregation
 ARM_KEYS = {"arm": "figure.arm", "regularizer": "train.regularizer", "beta": "train.reg.beta",
             "sign": "train.reg.sign", "weight_decay": "optim.weight_decay", "seed": "seed.init"}
-METRICS = ("test_acc", "pgd_acc", "fgsm_acc", "srs", "K0_matrix", "K_matrix", "log_K_growth", "K_operator",
+METRICS = ("test_acc", "clean_acc_rob_set", "pgd_acc", "fgsm_acc", "srs", "K0_matrix", "K_matrix", "log_K_growth", "K_operator",
            "bound_upper", "stable_rank_mean", "log10_cond_mean", "gap_mean", "loss_jitter", "loss_max_jump",
            "mean_abs_align", "mean_abs_sigma_mu", "mean_mu_Z", "mean_kappa_Z", "mean_lambda2_Z", "int_mu_Z", "int_kappa_Z",
            "int_lambda2_Z", "wall_time_s")

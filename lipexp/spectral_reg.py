@@ -76,7 +76,8 @@ def inverse_step(w: torch.Tensor, q: torch.Tensor, iters: int = 1) -> tuple[torc
 
     ``q`` (r,) is the bottom eigenvector estimate of the Gram (a left vector when m <= n, a right one
     otherwise). Returns (q, u, v) with u (m,), v (n,) unit vectors in ``w``'s dtype. A singular Gram
-    (rank-deficient ``w``: sigma_min = 0, not differentiable) gets a relative jitter of 1e-12.
+    (rank-deficient ``w``: sigma_min = 0, not differentiable) is shifted by the smallest multiple of ten of
+    its rounding level (10 eps of ``w``'s dtype times its largest diagonal entry) that factorises.
     """
     # The Gram product in the weights' dtype (the step's main cost; sgemm is 2x dgemm here), the factorisation
     # and solves in float64: for float32 weights the bottom eigenvalue then carries a relative error of about
@@ -85,9 +86,13 @@ def inverse_step(w: torch.Tensor, q: torch.Tensor, iters: int = 1) -> tuple[torc
     wd = w.to(torch.float64)
     gram = (w @ w.T if wide else w.T @ w).to(torch.float64)
     chol, info = torch.linalg.cholesky_ex(gram)
-    if int(info) != 0:
-        jitter = 1e-12 * float(gram.diagonal().max().clamp_min(1e-300))
-        chol = torch.linalg.cholesky(gram + jitter * torch.eye(len(gram), dtype=gram.dtype, device=gram.device))
+    # A (numerically) singular Gram: rewarding the gap drives sigma_min to 0, and a float32 product can then
+    # have a slightly negative bottom eigenvalue. Shift by multiples of the product's rounding level.
+    jitter = 10 * torch.finfo(w.dtype).eps * float(gram.diagonal().max().clamp_min(1e-300))
+    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    while int(info) != 0:
+        chol, info = torch.linalg.cholesky_ex(gram + jitter * eye)
+        jitter *= 10
     q = q.to(torch.float64)
     for _ in range(max(int(iters), 1)):
         # two triangular solves: 8x faster than cholesky_solve for one right-hand side here
