@@ -159,3 +159,27 @@ def test_sigma_min_of_a_rank_deficient_float32_matrix_is_near_zero():
     w = (torch.randn(27, 5) @ torch.randn(5, 32)).float()  # rank 5 of 27
     u, v = sr.bottom_pair("w", w, sr.SpectralState(), iters=1)
     assert torch.isfinite(u).all() and float(sr.rayleigh_sigma(w, u, v)) < 1e-3 * float(torch.linalg.svdvals(w)[0])
+
+
+@pytest.mark.parametrize("kind", ["spectral_gap", "alignment"])
+def test_resumed_run_with_a_penalty_repeats_every_bit(tmp_path, kind):
+    # the warm-start vectors are part of the checkpoint: 3 + 3 steps == 6 steps
+    from lipexp.data import Dataset
+    from lipexp.models import mlp
+    from lipexp.train import TrainSpec, train
+
+    g = torch.Generator().manual_seed(0)
+    ds = Dataset("mnist", "train", torch.randint(0, 256, (64, 1, 28, 28), generator=g, dtype=torch.uint8),
+                 torch.randint(0, 10, (64,), generator=g), 10, "synthetic", {})
+    tracker = "full" if kind == "spectral_gap" else "sigma1"
+    spec = lambda steps: TrainSpec(steps=steps, lr=0.05, batch_size=16, tracker=tracker, spectral_reg=kind,  # noqa: E731
+                                   reg_beta=0.1, eval_samples=32, progress=False)
+    torch.manual_seed(0)
+    a = mlp()
+    train(a, ds, None, spec(6), tmp_path / "a")
+    torch.manual_seed(0)
+    b = mlp()
+    train(b, ds, None, spec(3), tmp_path / "b")
+    train(b, ds, None, spec(6), tmp_path / "b")
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
