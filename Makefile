@@ -16,10 +16,11 @@ endif
 CHAPTER3 := fig3_2 fig3_3 fig3_4 table2_1 bounds
 CHAPTER4 := fig4_2 fig4_8 fig4_3 fig4_4 fig4_5 fig4_6 fig4_7 fig4_1 init_k0
 CHAPTER5 := fig5_2 gaussian lemma5_3_4 fig5_1 fig5_4 fig5_5 fig5_6
+CHAPTER7 := fig7_2 fig7_1
 CHAPTER6 := fig6_zoo fig6_1 fig6_2 fig6_6 fig6_7 fig6_9 fig6_10 fig6_11 fig6_12 fig6_13 fig6_15 fig6_16 fig6_3 fig6_8
 
 .PHONY: help install test reproduce-chapter3 reproduce-chapter4 reproduce-chapter5 reproduce-chapter6 \
-        reproduce-all report bench clean clean-runs
+        reproduce-chapter7 reproduce-all report bench clean clean-runs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -60,7 +61,11 @@ reproduce-chapter6: install ## Chapter 6: I-ASIDE (Figs 6.1-6.16)
 	$(call run_figures,$(CHAPTER6))
 	$(MAKE) --no-print-directory report
 
-reproduce-all: reproduce-chapter3 reproduce-chapter4 reproduce-chapter5 reproduce-chapter6 ## every chapter
+reproduce-chapter7: install ## Chapter 7: spectral-gap and alignment regularisers (Figs 7.1-7.2, new)
+	$(call run_figures,$(CHAPTER7))
+	$(MAKE) --no-print-directory report
+
+reproduce-all: reproduce-chapter3 reproduce-chapter4 reproduce-chapter5 reproduce-chapter6 reproduce-chapter7 ## every chapter
 
 report: install ## rebuild results/index.md (the gallery) from the saved figures
 	$(BIN)/python -m experiments.report

@@ -90,6 +90,11 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
         snapshot_every=t.snapshot_every,
         sampling_seed=cfg.seed.sampling,
         aux_seed=cfg.seed.sampling + 7919,
+        spectral_reg=t.regularizer if t.regularizer in ("spectral_gap", "alignment") else "none",
+        reg_beta=t.reg.beta,
+        reg_reduce=t.reg.reduce,
+        reg_sign=t.reg.sign,
+        reg_iters=t.reg.iters,
         progress=cfg.progress and sys.stderr.isatty(),
     )
 
@@ -218,7 +223,7 @@ def provenance(cfg: DictConfig) -> dict:
         **results.environment_info(),
         "figure": cfg.figure.id,
         "profile": cfg.profile.name,
-        "seeds": OmegaConf.to_container(cfg.seed),
+        "seeds": OmegaConf.to_container(cfg.seed, resolve=True),
         "device": str(resolve_device(cfg.device)),
     }
 

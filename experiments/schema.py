@@ -59,6 +59,16 @@ class OptimConfig:
 
 
 @dataclass
+class RegConfig:
+    """Chapter 7 penalties (train=spectral_gap | train=alignment; lipexp.spectral_reg)."""
+
+    beta: float = 0.0
+    reduce: str = "per_layer"  # per_layer: sum_l |t_l| | sum: |sum_l t_l|
+    sign: int = 1  # spectral gap only: +1 penalise the gap, -1 reward it
+    iters: int = 1  # warm-started power / inverse iterations a step
+
+
+@dataclass
 class TrainConfig:
     regularizer: str = "none"
     steps: int = 1000
@@ -73,6 +83,7 @@ class TrainConfig:
     eval_samples: Optional[int] = 2000
     checkpoint_every: int = 1000
     snapshot_every: int = 0
+    reg: RegConfig = field(default_factory=RegConfig)
 
 
 @dataclass
@@ -190,6 +201,13 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.tracker.mode == "full" and cfg.train.log_every != 1:
         raise ConfigError("tracker.mode=full integrates every step, so train.log_every must be 1")
+    _choice("train.reg.reduce", cfg.train.reg.reduce, ("per_layer", "sum"))
+    _choice("train.reg.sign", cfg.train.reg.sign, (1, -1))
+    _positive("train.reg.beta", cfg.train.reg.beta, minimum=0)
+    _positive("train.reg.iters", cfg.train.reg.iters)
+    if cfg.train.regularizer == "alignment" and cfg.tracker.mode == "full":
+        raise ConfigError("train=alignment backpropagates through the gradient, which tracker.mode=full's "
+                          "per-sample hooks cannot follow; use tracker=sigma1 (align/<layer> columns give sigma1*mu)")
     if cfg.data.name in ("cifar10", "cifar100") and cfg.model.name == "mlp":
         raise ConfigError("model=mlp expects 28x28 grey images (MNIST); use data=mnist or model=convnet")
     if cfg.data.name == "mnist" and cfg.model.name in ("convnet", "convnet_ch5"):

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import regularizers as reg
 from . import results
+from . import spectral_reg as sreg
 from .batches import BatchSource, as_source, to_pixels
 from .data import SAMPLINGS, Dataset, normalize
 from .layers import k_emp, top_singular_values
@@ -77,6 +78,11 @@ class TrainSpec:
     snapshot_every: int = 0  # >0: keep flattened parameters every N steps (landscape trajectories)
     sampling_seed: int = 0
     aux_seed: int = 0  # mixup partners and injected gradient noise
+    spectral_reg: str = "none"  # none | spectral_gap | alignment (Chapter 7, lipexp.spectral_reg)
+    reg_beta: float = 0.0
+    reg_reduce: str = "per_layer"  # per_layer | sum
+    reg_sign: int = 1  # gap only: +1 penalise, -1 reward
+    reg_iters: int = 1  # warm-started power / inverse iterations a step
     progress: bool = True
 
     def validate(self) -> None:
@@ -100,10 +106,14 @@ class TrainSpec:
              f"unknown grad_noise '{self.grad_noise}'; choose none, gaussian or uniform"),
             (self.tracker != "full" or self.log_every == 1,
              "tracker=full integrates the SDE every step, so log_every must be 1"),
+            (not (self.spectral_reg == "alignment" and self.tracker == "full"),
+             "the alignment regulariser backpropagates through the gradient (a second backward the per-sample "
+             "hooks of tracker=full cannot follow); use tracker=sigma1 (its columns align/<layer> = sigma1*mu)"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        sreg.check(self.spectral_reg, self.reg_beta, self.reg_reduce, self.reg_sign, self.reg_iters)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -333,9 +343,14 @@ def _train(model, train_src: BatchSource, test_src: BatchSource | None, spec: Tr
             grad_scale=math.sqrt(spec.grad_rho),
             noise_var=(1.0 - spec.grad_rho) * reg.noise_variance(spec.grad_noise),
             optimizer=opt,
+            check_grad=spec.spectral_reg == "none",  # a penalty on the weights adds to .grad beyond the hooks
         )
         integrator = dynamics.KIntegrator(spec.lr)
 
+    penalty = None
+    if spec.spectral_reg != "none":
+        penalty = sreg.Penalty(model, spec.spectral_reg, spec.reg_beta, spec.reg_reduce, spec.reg_sign,
+                               spec.reg_iters)
     start, snapshots, wall_before = 0, [], 0.0
     if ckpt_path.exists():
         ckpt = results.load_torch(ckpt_path, map_location=device)
@@ -351,6 +366,8 @@ def _train(model, train_src: BatchSource, test_src: BatchSource | None, spec: Tr
             if integrator is not None:
                 integrator.load_state_dict(ckpt["integrator"])
                 tracker.load_state_dict(ckpt["tracker"])
+            if penalty is not None and ckpt.get("spectral_reg"):
+                penalty.load_state_dict(ckpt["spectral_reg"])
             start, wall_before = ckpt["step"], ckpt.get("wall_time_s", 0.0)
             snapshots = [(int(st), v) for st, v in ckpt.get("snapshots", [])]
             results.truncate_metrics(run_dir, before_step=start)
@@ -379,6 +396,7 @@ def _train(model, train_src: BatchSource, test_src: BatchSource | None, spec: Tr
             "rng": _rng_state(gens),
             "integrator": integrator.state_dict() if integrator is not None else None,
             "tracker": tracker.state_dict() if tracker is not None else None,
+            "spectral_reg": penalty.state_dict() if penalty is not None else None,
             "snapshots": snapshots,
             "wall_time_s": wall_before + time.time() - t0,
             "spec": asdict(spec),
@@ -430,13 +448,16 @@ def _train(model, train_src: BatchSource, test_src: BatchSource | None, spec: Tr
                 if tracker is not None:
                     tracker.close()
                 raise Diverged(reason)
+            pen = penalty(loss) if penalty is not None else None  # Chapter 7: added to the mean loss
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if pen is None else loss + pen).backward()
             if spec.grad_rho != 1.0 or spec.grad_noise != "none":
                 reg.inject_gradient_noise(params, spec.grad_rho, spec.grad_noise, gens["aux"])
             opt.step()
 
             row = {"step": step, "t": step * spec.lr, "loss": loss.item()}
+            if penalty is not None:
+                row.update(penalty.last)
             if tracker is not None:
                 terms = tracker.end()
                 try:
