@@ -13,7 +13,7 @@ from lipexp import results
 
 PROFILE_ORDER = ("paper", "quick", "smoke")  # best first
 CHAPTERS = [("Chapter 3", "fig3_", "table2_1", "bounds"), ("Chapter 4", "fig4_", "init_k0"),
-            ("Chapter 5", "fig5_", "gaussian", "lemma5_3_4"), ("Chapter 6", "fig6_")]
+            ("Chapter 5", "fig5_", "gaussian", "lemma5_3_4"), ("Chapter 6", "fig6_"), ("Chapter 7", "fig7_")]
 
 
 def _chapter(fid: str) -> str:
