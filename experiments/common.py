@@ -322,7 +322,7 @@ def _run_job(cfg: DictConfig, module, run_dir: Path) -> dict:
         results.archive_previous(run_dir)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     results.update_status(
-        run_dir, status="running", reason=None, started=results.now_iso(), **provenance(cfg)
+        run_dir, status="running", reason=None, traceback=None, started=results.now_iso(), **provenance(cfg)
     )
     job = getattr(module, "run", train_job)
     log.info("%s: %s (profile %s, seeds %s)", cfg.figure.id, run_dir, cfg.profile.name,

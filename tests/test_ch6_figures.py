@@ -55,7 +55,7 @@ def test_figure_runs_end_to_end(fig, results_dir, mirror, data_root):
     table = pd.read_csv(out / "summary.csv")
     assert FIGURES[fig] <= set(table.columns), set(table.columns)
     assert len(table) > 0
-    statuses = [json.loads(p.read_text())["status"] for p in (out / "runs" / "smoke").glob("*/status.json")]
+    statuses = [json.loads(p.read_text())["status"] for p in (results_dir / fig / "runs" / "smoke").glob("*/status.json")]
     assert statuses and all(s == "completed" for s in statuses), statuses
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["profile"] == "smoke" and prov["findings"] and prov["data_source"] != "none"
