@@ -70,8 +70,12 @@ def aggregate(cfg, fig_dir, runs) -> None:
         "profile uses 39,000.",
         "BatchNorm (track_running_stats=False) couples the samples of a batch; per-sample terms are defined by "
         "backpropagating the summed loss (theory.md §2). K(t) ignores BatchNorm's scaling, as the thesis does.",
-        "Panels show the lowest sampling seed of each configuration with its prediction; grey lines are the held-out "
-        "seeds (same init) that the out-of-sample lines predict from each other.",
     ]
+    if any(len(g) > 1 for g in groups.values()):
+        notes.append("Panels show the lowest sampling seed of each configuration with its prediction; grey lines are "
+                     "the held-out seeds (same init) that the out-of-sample lines predict from each other.")
+    else:
+        notes.append("One sampling seed per configuration here, so of the two checks only the forward prediction "
+                     "applies (fig4_2 and fig4_4 run several seeds for the out-of-sample one).")
     notes += ch4.sampling_note(cfg) + ch4.scale_note(cfg)
     write_outputs(cfg, fig_dir, fig, table, runs, findings, notes)

@@ -72,6 +72,10 @@ def aggregate(cfg, fig_dir, runs) -> None:
                        f"not consistent with p = -1 ({abs(p_obs + 1) / se:.1f} standard errors away)")
         else:
             verdict = f"the sweep cannot decide: its standard error exceeds {SE_TARGET}"
+        if se <= SE_TARGET and "p_predicted" in per_m:
+            d = abs(p_obs - float(per_m["p_predicted"].iloc[0])) / se
+            verdict += (f"; and with the tracker's predicted p = {float(per_m['p_predicted'].iloc[0]):.2f} "
+                        + ("(within 2 standard errors)" if d <= 2 else f"({d:.1f} standard errors away)"))
         findings.append(f"observed exponent vs the thesis' p = -1: {verdict} (sweep sized for a standard error "
                         f"<= {SE_TARGET}; this one {se:.2f})")
         if "var_K_predicted_2nd" in usable:

@@ -74,7 +74,9 @@ def aggregate(cfg, fig_dir, runs) -> None:
     ax.set_xlabel("rho (gradient scale sqrt(rho), noise scale sqrt(1 - rho))")
     ax.set_ylabel("final K")
     ax.set_yscale("log")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: the curves fill the axes
+    fig.set_size_inches(6.5, 5.8)
+    fig.tight_layout()
     write_outputs(cfg, fig_dir, fig, table, runs, findings or ["no completed run"],
                   notes=["The thesis does not state the training length; the paper profile uses 10 epochs "
                          "(4,690 steps at batch 128).",
@@ -98,6 +100,18 @@ def _full_tracker_findings(table: pd.DataFrame, runs, clean) -> list[str]:
            f"{ok['max_rel_err'].max():.3g} over {int(ok['max_rel_err'].notna().sum())} runs"
            + (f"; second order: median {ok['max_rel_err_2nd'].median():.3g}, worst {ok['max_rel_err_2nd'].max():.3g}"
               if "max_rel_err_2nd" in ok else "")]
+    if "max_rel_err_2nd" in ok and ok["max_rel_err_2nd"].notna().any():
+        w = ok.loc[ok["max_rel_err_2nd"].idxmax()]
+        if w["max_rel_err_2nd"] > w["max_rel_err"]:
+            second = float(np.log(w["final_K_emp"] / w["K0"])) - w["int_mu_Z"]
+            out.append(
+                f"the second-order path is worse than the thesis' at rho = {float(w['rho']):g}, noise {w['noise']} "
+                f"({w['max_rel_err_2nd']:.3g} against {w['max_rel_err']:.3g}): the measured change of Z beyond "
+                f"int mu_Z is {second:.3f}, the realised int mu2_Z {w['int_mu2_Z']:.3f}, int (kappa_Z - lambda2_Z/2) "
+                f"{w['int_kappa_Z'] - 0.5 * w['int_lambda2_Z']:.3f}, so the per-step expansion's third-order "
+                "remainder is not negligible here (a likely reason, not measured: steps of injected noise this large "
+                "are not small against the gap s1 - s2 that bounds the Taylor series of log s1); the "
+                "expectation-based kappa lands closer")
     zero = ok[(ok["rho"].astype(float) == 0.0) & (ok["noise"] != "none")]
     for _, r in zero.iterrows():
         out.append(f"rho = 0, noise {r['noise']}: K {r['K0']:.4g} -> {r['final_K_emp']:.4g}, the run's own K_pred "

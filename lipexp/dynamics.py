@@ -708,7 +708,7 @@ class DynamicsTracker:
                 names.append(layer.name)
                 rows.append(self._layer_terms(layer, layer.matrix(dw), lr))
             full = cross_layer_lambda2([self._noise_rows[name] for name in names])
-            rows = [r[:5] + [f] + r[5:] for r, f in zip(rows, full)]
+            rows = [r[:5] + [f] + r[5:] for r, f in zip(rows, full)]  # after mu2, in the order of `keys`
             values = torch.stack([torch.stack(r) for r in rows]).tolist()  # one device sync
         self._noise_rows = {}
         keys = TERMS + SECOND_TERMS + (SPLIT_TERMS if self.split else ())
@@ -812,9 +812,10 @@ class DynamicsTracker:
     def _layer_terms(self, layer: _Layer, dw: torch.Tensor, lr: float) -> list[torch.Tensor]:
         geo = layer.geo
         s1, u1, v1 = geo.s1, geo.u1, geo.v1
-        dv = dw.to(torch.float64) @ v1  # (m,): d v1 times lr
+        d64 = dw.to(torch.float64)
+        dv = d64 @ v1  # (m,): d v1 times lr
         mu = (u1 @ dv) / (s1 * lr)
-        mu2 = second_order_drift(geo, dv / lr, dw.to(torch.float64).T @ u1 / lr, lr)
+        mu2 = second_order_drift(geo, dv / lr, d64.T @ u1 / lr, lr)
         gs2, nv = self.grad_scale**2, self.noise_var
         zero = s1.new_zeros(())
         noise_lam = lr * nv / s1**2
