@@ -229,7 +229,7 @@ def provenance(cfg: DictConfig) -> dict:
 
 
 # What determines a run's numbers (where the data lives, the logger or the wording of a claim do not).
-RESULT_KEYS = ("figure", "scale", "model", "data", "optim", "train", "tracker", "seed")
+RESULT_KEYS = ("figure", "scale", "model", "data", "optim", "train", "tracker", "noise", "seed")
 IGNORED_KEYS = {"figure.title", "figure.claim", "figure.scales", "data.root", "data.mirror", "data.download",
                 "data.cache_dir"}
 
@@ -449,8 +449,13 @@ class Run:
         return results.read_metrics(self.path)
 
     def get(self, key: str, default: Any = None) -> Any:
-        """A config value by dotted key, e.g. ``run.get('data.batch_size')``."""
-        return OmegaConf.select(self.config, key, default=default)
+        """A config value by dotted key, e.g. ``run.get('data.batch_size')``; a key the saved config lacks
+        (a run made before that setting existed) is its schema default, as in ``config_changes``."""
+        missing = object()
+        value = OmegaConf.select(self.config, key, default=missing)
+        if value is missing:
+            return _schema_defaults().get(key, default)
+        return value
 
 
 def collect_runs(runs_dir: Path) -> list[Run]:

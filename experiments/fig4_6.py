@@ -19,14 +19,14 @@ def _is_clean(rho, noise) -> bool:
 
 
 def noise_target(cfg) -> str:
-    target = OmegaConf.select(cfg, "figure.noise_target", default="gradient")
+    target = OmegaConf.select(cfg, "noise.target", default="gradient")
     if target not in TARGETS:
-        raise ValueError(f"figure.noise_target={target!r} is not valid; choose one of {list(TARGETS)}")
+        raise ValueError(f"noise.target={target!r} is not valid; choose one of {list(TARGETS)}")
     return target
 
 
 def run(cfg, run_dir):
-    """Every run tracks the full terms (the config sets tracker=full). ``figure.noise_target=loss`` reads
+    """Every run tracks the full terms (the config sets tracker=full). ``noise.target=loss`` reads
     eq. 4.31 literally: the noise is added to the scalar loss, whose gradient it does not reach, so the
     update is sqrt(rho) * gradient alone (the run is the noise=none run of the same rho)."""
     if noise_target(cfg) == "loss" and cfg.train.grad_noise != "none":
@@ -37,7 +37,7 @@ def run(cfg, run_dir):
 
 def aggregate(cfg, fig_dir, runs) -> None:
     table = pd.DataFrame([ch4.run_row(r, {"rho": "train.grad_rho", "noise": "train.grad_noise",
-                                          "noise_target": "figure.noise_target"}) for r in runs])
+                                          "noise_target": "noise.target"}) for r in runs])
     clean = ch4.clean_run_integrals(runs, lambda r: _is_clean(r.get("train.grad_rho"), r.get("train.grad_noise")))
     fig, (ax,) = plots.grid(1, size=(6.5, 4.5))
     findings = []
@@ -82,7 +82,7 @@ def aggregate(cfg, fig_dir, runs) -> None:
                          "(4,690 steps at batch 128).",
                          "Noise is added to the batch gradient of every parameter each step; N(0,1) has variance 1 and "
                          "U[-0.5,0.5] variance 1/12 per coordinate (the tracker adds their exact terms).",
-                         "Two readings of eq. 4.31 (figure.noise_target): 'gradient' adds the noise to the gradient "
+                         "Two readings of eq. 4.31 (noise.target): 'gradient' adds the noise to the gradient "
                          "(the runs with noise gaussian/uniform); 'loss' adds it to the scalar loss, where it is a "
                          "constant in theta and never reaches the update, so every noise type gives the noise=none run "
                          "of the same rho. The thesis' monotone curve is the 'loss' reading.",

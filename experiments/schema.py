@@ -87,6 +87,13 @@ class TrainConfig:
 
 
 @dataclass
+class NoiseConfig:
+    # Fig. 4.6's injected noise goes to the gradient (the update), or to the scalar loss, where it has no
+    # gradient and so leaves the update as it is
+    target: str = "gradient"
+
+
+@dataclass
 class TrackerConfig:
     mode: str = "full"  # off | sigma1 | full
     split: bool = False
@@ -126,6 +133,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: SeedConfig = field(default_factory=SeedConfig)
     device: str = "auto"
@@ -162,6 +170,7 @@ def validate(cfg: DictConfig) -> None:
     _choice("optim.name", cfg.optim.name, ("sgd", "adam"))
     _choice("tracker.mode", cfg.tracker.mode, ("off", "sigma1", "full"))
     _choice("train.grad_noise", cfg.train.grad_noise, ("none", "gaussian", "uniform"))
+    _choice("noise.target", cfg.noise.target, ("gradient", "loss"))
     _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
     if cfg.train.autoaugment is not None:
         _choice("train.autoaugment", cfg.train.autoaugment, ("cifar10", "imagenet", "svhn"))
