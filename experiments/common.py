@@ -8,7 +8,6 @@ import signal
 import sys
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipexp import data as D
 from lipexp import frequency, models, results
-from lipexp.train import Diverged, Interrupted, TrainSpec, resolve_device, train
+from lipexp.train import Diverged, Interrupted, TrainSpec, on_signals, resolve_device, train
 
 log = logging.getLogger("lipexp")
 
@@ -370,7 +369,6 @@ def _run_job(cfg: DictConfig, module, run_dir: Path) -> dict:
     return summary
 
 
-@contextmanager
 def _signals_interrupt():
     """SIGINT/SIGTERM before the training loop (data loading, model set-up) stop the job as interrupted,
     with a reason in status.json; the loop installs its own handler, which checkpoints first."""
@@ -378,17 +376,7 @@ def _signals_interrupt():
         # a KeyboardInterrupt, not an Exception: data loaders catch Exception broadly and would swallow it
         raise KeyboardInterrupt(f"received {signal.Signals(signum).name} before the training loop began")
 
-    installed = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            installed[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (a launcher's worker): no handler
-            pass
-    try:
-        yield
-    finally:
-        for sig, old in installed.items():
-            signal.signal(sig, old)
+    return on_signals(handler)
 
 
 def _in_multirun() -> bool:

@@ -154,23 +154,29 @@ def evaluate(model: nn.Module, ds: Dataset, device, batch_size: int = 1000, limi
 
 
 @contextmanager
-def _stop_on_signals(flag: dict):
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (handlers need the main thread)."""
+def on_signals(handler: Callable[[int, object], None]):
+    """Run the block with ``handler`` for SIGINT and SIGTERM, then restore the previous handlers.
+
+    Outside the main thread (a launcher's worker) Python allows no handlers: the block runs without."""
     installed = {}
-
-    def handler(signum, _frame):
-        flag["signal"] = signal.Signals(signum).name
-
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             installed[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread: run without the handler
+        except ValueError:
             pass
     try:
         yield
     finally:
         for sig, old in installed.items():
             signal.signal(sig, old)
+
+
+def _stop_on_signals(flag: dict):
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step."""
+    def handler(signum, _frame):
+        flag["signal"] = signal.Signals(signum).name
+
+    return on_signals(handler)
 
 
 def _rng_state(gens: dict[str, torch.Generator]) -> dict:
