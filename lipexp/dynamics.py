@@ -109,7 +109,7 @@ class OpNormGeometry:
     construction.
     """
 
-    w: torch.Tensor  # m x n
+    w: torch.Tensor | None  # m x n float64; None when only ``w_model`` is kept (the tracker: half the memory)
     wide: bool
     s1: torch.Tensor  # 0-d
     u1: torch.Tensor  # (m,)
@@ -119,9 +119,13 @@ class OpNormGeometry:
 
     def w_as(self, dtype: torch.dtype) -> torch.Tensor:
         """W (m x n) in ``dtype``; the model's own copy when that is the dtype (exact: W came from it)."""
-        if self.w_model is not None and self.w_model.dtype == dtype:
-            return self.w_model
+        if self.w_model is not None and (self.w_model.dtype == dtype or self.w is None):
+            return self.w_model.to(dtype)
         return self.w.to(dtype)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple((self.w if self.w is not None else self.w_model).shape)
 
     @property
     def q1(self) -> torch.Tensor:
@@ -133,8 +137,9 @@ class OpNormGeometry:
 
     @property
     def w_small(self) -> torch.Tensor:
-        """W oriented as k x (larger size)."""
-        return self.w if self.wide else self.w.T
+        """W oriented as k x (larger size), float64."""
+        w = self.w_as(torch.float64)
+        return w if self.wide else w.T
 
 
 class SpectrumError(ValueError):
@@ -234,6 +239,42 @@ def opnorm_geometry(w: torch.Tensor, start: torch.Tensor | None = None, name: st
     return OpNormGeometry(wd, wide, s1, u1, v1, chol)
 
 
+def _times_w(x: torch.Tensor, geo: OpNormGeometry, dt: torch.dtype, transpose: bool) -> torch.Tensor:
+    """``x @ W^T`` (transpose) or ``x @ W`` in ``dt``. When W is held in a narrower dtype than ``dt`` (a float32
+    model, float64 projections), W is cast a block of rows at a time: no float64 copy of the whole weight."""
+    w = geo.w if geo.w is not None and geo.w.dtype == dt else geo.w_model
+    if w is None or w.dtype == dt or w.numel() <= _CAST_BLOCK:
+        w = geo.w_as(dt)
+        return x @ w.T if transpose else x @ w
+    rows = max(1, _CAST_BLOCK // w.shape[1])
+    blocks = [w[i:i + rows].to(dt) for i in range(0, w.shape[0], rows)]
+    if transpose:  # x (R, n) @ W^T -> (R, m): columns block by block
+        return torch.cat([x @ blk.T for blk in blocks], dim=1)
+    out = None  # x (R, m) @ W -> (R, n): a sum over row blocks
+    for i, blk in zip(range(0, w.shape[0], rows), blocks):
+        part = x[:, i:i + rows] @ blk
+        out = part if out is None else out.add_(part)
+    return out
+
+
+_CAST_BLOCK = 1 << 18  # elements of W cast to float64 at a time (2 MiB)
+
+
+def _rows_projections(dw: torch.Tensor, v1: torch.Tensor, u1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dW v1, u1^T dW)`` in float64 (v1, u1 float64), casting dW a block of rows at a time."""
+    if dw.dtype == torch.float64 or dw.numel() <= _CAST_BLOCK:
+        d = dw.to(torch.float64)
+        return d @ v1, u1 @ d
+    rows = max(1, _CAST_BLOCK // dw.shape[1])
+    dv, dtu = [], None
+    for i in range(0, dw.shape[0], rows):
+        blk = dw[i:i + rows].to(torch.float64)
+        dv.append(blk @ v1)
+        part = u1[i:i + rows] @ blk
+        dtu = part if dtu is None else dtu.add_(part)
+    return torch.cat(dv), dtu
+
+
 def hessian_quadratic_sum(
     geo: OpNormGeometry, a: torch.Tensor, b: torch.Tensor, w_b: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -248,10 +289,10 @@ def hessian_quadratic_sum(
     a_perp = a - au[:, None] * u1
     b_perp = b - bv[:, None] * v1
     if geo.wide:
-        wb = (b_perp @ geo.w_as(dt).T) if w_b is None else w_b - (s1.to(dt) * bv)[:, None] * u1
+        wb = _times_w(b_perp, geo, dt, transpose=True) if w_b is None else w_b - (s1.to(dt) * bv)[:, None] * u1
         r, rest = s1.to(dt) * a_perp + wb, b_perp
     else:
-        r, rest = s1.to(dt) * b_perp + a_perp @ geo.w_as(dt), a_perp
+        r, rest = s1.to(dt) * b_perp + _times_w(a_perp, geo, dt, transpose=False), a_perp
     x = torch.linalg.solve_triangular(geo.chol, r.T.to(torch.float64), upper=False)
     return ((x * x).sum() + (rest * rest).sum().to(torch.float64)) / s1
 
@@ -262,7 +303,7 @@ def hessian_trace(geo: OpNormGeometry) -> torch.Tensor:
     On the small side ``sum_{i>=2} 1/(s1^2-s_i^2) = tr(A^-1) - 1/s1^2``; the larger side has the same
     terms plus ``max(m, n) - k`` zero singular values.
     """
-    m, n = geo.w.shape
+    m, n = geo.shape
     k = geo.chol.shape[0]
     eye = torch.eye(k, dtype=torch.float64, device=geo.chol.device)
     l_inv = torch.linalg.solve_triangular(geo.chol, eye, upper=False)
@@ -696,8 +737,9 @@ class DynamicsTracker:
             layer.s1 = layer.geo.s1
             layer.u1, layer.v1 = layer.geo.u1.to(w.dtype), layer.geo.v1.to(w.dtype)
             layer.snapshot = w_full.clone()
-            if w.dtype != torch.float64:  # the projections run in the model's dtype: W in it, without a cast
-                layer.geo.w_model = layer.matrix(layer.snapshot)
+            if w.dtype != torch.float64:  # the projections run in the model's dtype: W in it, without a cast;
+                layer.geo.w_model = layer.matrix(layer.snapshot)  # and no float64 copy of every weight is held
+                layer.geo.w = None
             if layer.ref.parametrized:
                 layer.raw_snaps = [p.detach().clone() for p in layer.ref.raw_parameters()]
 
@@ -751,8 +793,6 @@ class DynamicsTracker:
         for layer in self.layers:
             layer.clear_step()
             layer.snapshot = layer.raw_snaps = None
-            if layer.geo is not None:
-                layer.geo.w_model = None  # a view of the snapshot: do not hold it between steps
         return out
 
     def last_projections(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -848,10 +888,9 @@ class DynamicsTracker:
     def _layer_terms(self, layer: _Layer, dw: torch.Tensor, lr: float) -> list[torch.Tensor]:
         geo = layer.geo
         s1, u1, v1 = geo.s1, geo.u1, geo.v1
-        dw64 = dw.to(torch.float64)
-        dv = dw64 @ v1  # (m,): d v1 times lr
+        dv, dtu = _rows_projections(dw, v1, u1)  # (m,), (n,): d v1 and d^T u1 times lr
         mu = (u1 @ dv) / (s1 * lr)
-        mu2 = second_order_drift(geo, dv / lr, u1 @ dw64 / lr, lr)
+        mu2 = second_order_drift(geo, dv / lr, dtu / lr, lr)
         gs2, nv = self.grad_scale**2, self.noise_var
         zero = s1.new_zeros(())
         noise_lam = lr * nv / s1**2

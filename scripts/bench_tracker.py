@@ -23,7 +23,7 @@ per-sample gradients the tracker never forms.
 Time: the variants of a model run interleaved (order rotated every repeat); per variant the median and
 minimum over repeats, their ratios to plain, and the median of the per-repeat ratios ("paired": the
 variants of one repeat ran back to back, so load drift cancels). On CPU also the paired ratio of process
-CPU time. Memory (unless --no-memory): each of plain/track/split (all variants with --memory-all) runs
+CPU time. Memory (unless --no-memory): each of plain/track (all variants with --memory-all) runs
 three steps in a fresh subprocess; on CPU the growth of the peak RSS (VmHWM) over the state after setup,
 on CUDA max_memory_allocated over what was allocated before the steps.
 
@@ -31,10 +31,11 @@ Writes results/bench/tracker_<device>.csv (one row per model, threads, variant) 
 (paired ratios, log scale).
 
     python scripts/bench_tracker.py [--models convnet128,convnet256,mlp,resnet18,transformer]
-        [--device cpu|cuda] [--threads 1,2] [--repeats 5] [--warmup 1] [--no-peers] [--no-memory]
-        [--memory-all] [--out results/bench]
+        [--device cpu|cuda] [--threads 1,2] [--costly-threads 1|all] [--repeats 3] [--warmup 1]
+        [--no-peers] [--no-split] [--no-memory] [--memory-all] [--out results/bench]
 
-The default run takes about 4-5 minutes on a 2-core CPU; --repeats 15 for tighter numbers.
+The default run (3 repeats; split and the peers at the first thread setting only) takes about 4-5 minutes
+on a 2-core CPU; --repeats 9 --costly-threads all for the full table (about 25 minutes).
 On glibc, the default malloc returns large freed blocks to the kernel, so every step page-faults its
 activations afresh; all variants pay it. To time without it, run with
 MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736.
@@ -338,9 +339,12 @@ def main():
     ap.add_argument("--model", default="convnet256", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", default="1,2", help="comma-separated torch.set_num_threads settings to run")
+    ap.add_argument("--costly-threads", default=None,
+                    help="thread settings at which split and the peers run too (default: the first of --threads; "
+                    "'all' for every setting); the others time plain and track only")
     ap.add_argument("--no-peers", action="store_true", help="plain, track, split only")
     ap.add_argument("--no-split", action="store_true", help="leave out the split variant")
     ap.add_argument("--no-memory", action="store_true")
@@ -366,12 +370,15 @@ def main():
         print(f"note: {', '.join(missing)} not installed: those peers are skipped (pip install -e '.[bench]')")
     print(f"torch {torch.__version__}; timings by wall clock, variants interleaved; 'x paired' is the median over "
           f"{args.repeats} repeats of the ratio to the plain step of the same repeat")
+    costly = threads if args.costly_threads == "all" else (
+        [int(t) for t in args.costly_threads.split(",")] if args.costly_threads else threads[:1])
     rows = []
     t_start = time.perf_counter()
     for name in args.models.split(","):
         for nt in threads:
             torch.set_num_threads(nt)
-            built = setup(name, variants, dev, args.lr)
+            these = variants if nt in costly else [v for v in variants if v in ("plain", "track")]
+            built = setup(name, these, dev, args.lr)
             fns = {v: f for v, f in built.items() if not isinstance(f, str)}
             notes = {v: f for v, f in built.items() if isinstance(f, str)}
             wall, cpu = time_all(fns, dev, args.repeats, args.warmup)
@@ -379,7 +386,7 @@ def main():
             del fns, built
             mem = {}
             if not args.no_memory and nt == threads[0]:
-                mem_vars = [v for v in stats if args.memory_all or v in ("plain", "track", "split")]
+                mem_vars = [v for v in stats if args.memory_all or v in ("plain", "track")]
                 mem = measure_memory(name, mem_vars, args, nt)
             print_table(name, nt, stats, notes, mem, dev)
             batch = make_model(name, torch.device("cpu"))[1].shape[0]
