@@ -41,8 +41,13 @@ A training loop with the tracker (one metrics row per step)::
                **term_columns(terms)}
     tracker.close()
 
-Cost (ConvNet of thesis Table 4.1, batch 256, one CPU thread): about 1.15-1.25x a plain SGD step, peak
-memory about that of a plain step; see ``scripts/bench_tracker.py``.
+Cost (``scripts/bench_tracker.py``, one CPU thread, paired median over interleaved repeats on a shared
+2-core machine): ConvNet of thesis Table 4.1 about 1.15-1.25x a plain SGD step (batch 256 and 128), peak
+memory 1.1-1.25x; resnet18 (32x32, batch 64) about 2.4x; the MLP of Table 4.2 (batch 128) about 9x. The
+exact float64 Gram of each weight (k^2 N operations for a k x N weight, k the smaller side) and two k x k
+Cholesky factorisations per step set that floor: where the weights are large next to the activations
+(the MLP's 512 x 784 layer at batch 128, resnet18's 512 x 4608 convolutions on 1 x 1 maps) they cost as
+much as the step itself.
 
 Per-sample gradient convention: ``G_i = sum_p delta_{i,p} x_{i,p}^T`` with ``delta`` the gradient of the
 *summed* loss with respect to the layer output (the loop may backprop the mean; the tracker rescales).
