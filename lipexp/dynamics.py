@@ -41,8 +41,13 @@ A training loop with the tracker (one metrics row per step)::
                **term_columns(terms)}
     tracker.close()
 
-Cost (ConvNet of thesis Table 4.1, batch 256, one CPU thread): about 1.15-1.25x a plain SGD step, peak
-memory about that of a plain step; see ``scripts/bench_tracker.py``.
+Cost (``scripts/bench_tracker.py``, one CPU thread, paired median over interleaved repeats on a shared
+2-core machine): ConvNet of thesis Table 4.1 about 1.15-1.25x a plain SGD step (batch 256 and 128), peak
+memory 1.1-1.25x; resnet18 (32x32, batch 64) about 2.4x; the MLP of Table 4.2 (batch 128) about 9x. The
+exact float64 Gram of each weight (k^2 N operations for a k x N weight, k the smaller side) and two k x k
+Cholesky factorisations per step set that floor: where the weights are large next to the activations
+(the MLP's 512 x 784 layer at batch 128, resnet18's 512 x 4608 convolutions on 1 x 1 maps) they cost as
+much as the step itself.
 
 Per-sample gradient convention: ``G_i = sum_p delta_{i,p} x_{i,p}^T`` with ``delta`` the gradient of the
 *summed* loss with respect to the layer output (the loop may backprop the mean; the tracker rescales).
@@ -109,12 +114,23 @@ class OpNormGeometry:
     construction.
     """
 
-    w: torch.Tensor  # m x n
+    w: torch.Tensor | None  # m x n float64; None when only ``w_model`` is kept (the tracker: half the memory)
     wide: bool
     s1: torch.Tensor  # 0-d
     u1: torch.Tensor  # (m,)
     v1: torch.Tensor  # (n,)
     chol: torch.Tensor  # k x k lower Cholesky factor of A
+    w_model: torch.Tensor | None = None  # the same W in the model's dtype (if not float64): saves a cast per use
+
+    def w_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """W (m x n) in ``dtype``; the model's own copy when that is the dtype (exact: W came from it)."""
+        if self.w_model is not None and (self.w_model.dtype == dtype or self.w is None):
+            return self.w_model.to(dtype)
+        return self.w.to(dtype)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple((self.w if self.w is not None else self.w_model).shape)
 
     @property
     def q1(self) -> torch.Tensor:
@@ -126,19 +142,26 @@ class OpNormGeometry:
 
     @property
     def w_small(self) -> torch.Tensor:
-        """W oriented as k x (larger size)."""
-        return self.w if self.wide else self.w.T
+        """W oriented as k x (larger size), float64."""
+        w = self.w_as(torch.float64)
+        return w if self.wide else w.T
 
 
 class SpectrumError(ValueError):
     """A weight whose top singular value is zero or repeated: the Chapter 4 terms are undefined."""
 
 
+def _shifted(gram: torch.Tensor, shift) -> torch.Tensor:
+    """``shift I - gram`` without forming I (k x k float64 identities were a measurable part of begin())."""
+    out = torch.neg(gram)
+    out.diagonal().add_(shift)
+    return out
+
+
 def _top_eigvec(gram: torch.Tensor, shift: float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Inverse iteration on ``shift I - gram`` (shift just above the top eigenvalue) from ``x``; None if
     the shift is not above it or ten steps do not converge to float64 accuracy."""
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    c, info = torch.linalg.cholesky_ex(shift * eye - gram)
+    c, info = torch.linalg.cholesky_ex(_shifted(gram, shift))
     if int(info) != 0:
         return None
     for _ in range(10):
@@ -153,6 +176,26 @@ def _top_eigvec(gram: torch.Tensor, shift: float, x: torch.Tensor) -> tuple[torc
     return None
 
 
+def _gram(w: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """``w @ w.T`` (k x k) for a k x N matrix; for large k and N by row blocks, the upper triangle only
+    and mirrored (a BLAS ``syrk``, which torch does not expose): about 40% fewer operations for the
+    512 x 4608 convolutions of a resnet18, where this product dominated ``begin()``."""
+    k, big = w.shape
+    if k < 384 or big < 2048:  # small: one product is faster than the blocks' overhead
+        return w @ w.T
+    g = w.new_empty(k, k)
+    starts = range(0, k, block)
+    for i in starts:
+        wi = w[i:i + block]
+        for j in starts:
+            if j >= i:
+                blk = wi @ w[j:j + block].T
+                g[i:i + block, j:j + block] = blk
+                if j > i:
+                    g[j:j + block, i:i + block] = blk.T
+    return g
+
+
 def opnorm_geometry(w: torch.Tensor, start: torch.Tensor | None = None, name: str = "weight") -> OpNormGeometry:
     """s1, (u1, v1) and the Cholesky factor of ``A`` for ``w`` (m x n; computed in float64).
 
@@ -165,7 +208,7 @@ def opnorm_geometry(w: torch.Tensor, start: torch.Tensor | None = None, name: st
     wd = w.detach().to(torch.float64, copy=True)  # a copy even for float64: the step updates w in place
     m, n = wd.shape
     wide = m <= n
-    gram = wd @ wd.T if wide else wd.T @ wd
+    gram = _gram(wd if wide else wd.T)
     k = gram.shape[0]
     top = None
     if start is not None and start.shape == (k,):
@@ -194,12 +237,47 @@ def opnorm_geometry(w: torch.Tensor, start: torch.Tensor | None = None, name: st
     x, lam1_t = top
     s1 = lam1_t.sqrt()
     p = (wd.T @ x if wide else wd @ x) / s1
-    eye = torch.eye(k, dtype=torch.float64, device=wd.device)
-    chol, info = torch.linalg.cholesky_ex(lam1_t * eye - gram + lam1_t * torch.outer(x, x))
+    chol, info = torch.linalg.cholesky_ex(_shifted(gram, lam1_t).add_(lam1_t * torch.outer(x, x)))
     if int(info) != 0:  # A is singular: s2 = s1 to rounding
         raise SpectrumError(f"{name} has a repeated top singular value (s1 = {float(s1):.6g}); kappa is undefined")
     u1, v1 = (x, p) if wide else (p, x)
     return OpNormGeometry(wd, wide, s1, u1, v1, chol)
+
+
+def _times_w(x: torch.Tensor, geo: OpNormGeometry, dt: torch.dtype, transpose: bool) -> torch.Tensor:
+    """``x @ W^T`` (transpose) or ``x @ W`` in ``dt``. When W is held in a narrower dtype than ``dt`` (a float32
+    model, float64 projections), W is cast a block of rows at a time: no float64 copy of the whole weight."""
+    w = geo.w if geo.w is not None and geo.w.dtype == dt else geo.w_model
+    if w is None or w.dtype == dt or w.numel() <= _CAST_BLOCK:
+        w = geo.w_as(dt)
+        return x @ w.T if transpose else x @ w
+    rows = max(1, _CAST_BLOCK // w.shape[1])
+    blocks = [w[i:i + rows].to(dt) for i in range(0, w.shape[0], rows)]
+    if transpose:  # x (R, n) @ W^T -> (R, m): columns block by block
+        return torch.cat([x @ blk.T for blk in blocks], dim=1)
+    out = None  # x (R, m) @ W -> (R, n): a sum over row blocks
+    for i, blk in zip(range(0, w.shape[0], rows), blocks):
+        part = x[:, i:i + rows] @ blk
+        out = part if out is None else out.add_(part)
+    return out
+
+
+_CAST_BLOCK = 1 << 18  # elements of W cast to float64 at a time (2 MiB)
+
+
+def _rows_projections(dw: torch.Tensor, v1: torch.Tensor, u1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dW v1, u1^T dW)`` in float64 (v1, u1 float64), casting dW a block of rows at a time."""
+    if dw.dtype == torch.float64 or dw.numel() <= _CAST_BLOCK:
+        d = dw.to(torch.float64)
+        return d @ v1, u1 @ d
+    rows = max(1, _CAST_BLOCK // dw.shape[1])
+    dv, dtu = [], None
+    for i in range(0, dw.shape[0], rows):
+        blk = dw[i:i + rows].to(torch.float64)
+        dv.append(blk @ v1)
+        part = u1[i:i + rows] @ blk
+        dtu = part if dtu is None else dtu.add_(part)
+    return torch.cat(dv), dtu
 
 
 def hessian_quadratic_sum(
@@ -216,10 +294,10 @@ def hessian_quadratic_sum(
     a_perp = a - au[:, None] * u1
     b_perp = b - bv[:, None] * v1
     if geo.wide:
-        wb = (b_perp @ geo.w.T.to(dt)) if w_b is None else w_b - (s1.to(dt) * bv)[:, None] * u1
+        wb = _times_w(b_perp, geo, dt, transpose=True) if w_b is None else w_b - (s1.to(dt) * bv)[:, None] * u1
         r, rest = s1.to(dt) * a_perp + wb, b_perp
     else:
-        r, rest = s1.to(dt) * b_perp + a_perp @ geo.w.to(dt), a_perp
+        r, rest = s1.to(dt) * b_perp + _times_w(a_perp, geo, dt, transpose=False), a_perp
     x = torch.linalg.solve_triangular(geo.chol, r.T.to(torch.float64), upper=False)
     return ((x * x).sum() + (rest * rest).sum().to(torch.float64)) / s1
 
@@ -230,7 +308,7 @@ def hessian_trace(geo: OpNormGeometry) -> torch.Tensor:
     On the small side ``sum_{i>=2} 1/(s1^2-s_i^2) = tr(A^-1) - 1/s1^2``; the larger side has the same
     terms plus ``max(m, n) - k`` zero singular values.
     """
-    m, n = geo.w.shape
+    m, n = geo.shape
     k = geo.chol.shape[0]
     eye = torch.eye(k, dtype=torch.float64, device=geo.chol.device)
     l_inv = torch.linalg.solve_triangular(geo.chol, eye, upper=False)
@@ -664,6 +742,9 @@ class DynamicsTracker:
             layer.s1 = layer.geo.s1
             layer.u1, layer.v1 = layer.geo.u1.to(w.dtype), layer.geo.v1.to(w.dtype)
             layer.snapshot = w_full.clone()
+            if w.dtype != torch.float64:  # the projections run in the model's dtype: W in it, without a cast;
+                layer.geo.w_model = layer.matrix(layer.snapshot)  # and no float64 copy of every weight is held
+                layer.geo.w = None
             if layer.ref.parametrized:
                 layer.raw_snaps = [p.detach().clone() for p in layer.ref.raw_parameters()]
 
@@ -812,10 +893,9 @@ class DynamicsTracker:
     def _layer_terms(self, layer: _Layer, dw: torch.Tensor, lr: float) -> list[torch.Tensor]:
         geo = layer.geo
         s1, u1, v1 = geo.s1, geo.u1, geo.v1
-        d64 = dw.to(torch.float64)
-        dv = d64 @ v1  # (m,): d v1 times lr
+        dv, dtu = _rows_projections(dw, v1, u1)  # (m,), (n,): d v1 and d^T u1 times lr
         mu = (u1 @ dv) / (s1 * lr)
-        mu2 = second_order_drift(geo, dv / lr, d64.T @ u1 / lr, lr)
+        mu2 = second_order_drift(geo, dv / lr, dtu / lr, lr)
         gs2, nv = self.grad_scale**2, self.noise_var
         zero = s1.new_zeros(())
         noise_lam = lr * nv / s1**2

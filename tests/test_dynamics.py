@@ -157,6 +157,21 @@ def test_geometry_of_float32_weights_and_warm_start():
             assert torch.allclose(torch.outer(warm.u1, warm.v1), torch.outer(ref.U[:, 0], ref.Vh[0]), atol=1e-13)
 
 
+def test_geometry_of_a_large_weight_uses_the_blocked_gram_exactly():
+    # 400 x 2100 (and its transpose): past the size where the Gram is formed block by block (upper triangle)
+    g = torch.Generator().manual_seed(5)
+    for w in (torch.randn(400, 2100, generator=g, dtype=torch.float64),
+              torch.randn(2100, 400, generator=g, dtype=torch.float64)):
+        ref = torch.linalg.svd(w)
+        geo = opnorm_geometry(w)
+        assert rel(float(geo.s1), float(ref.S[0])) <= 1e-14
+        assert torch.allclose(torch.outer(geo.u1, geo.v1), torch.outer(ref.U[:, 0], ref.Vh[0]), atol=1e-12)
+        small = w @ w.T if geo.wide else w.T @ w
+        s2 = geo.s1**2
+        a = s2 * torch.eye(small.shape[0], dtype=torch.float64) - small + s2 * torch.outer(geo.q1, geo.q1)
+        assert torch.allclose(geo.chol @ geo.chol.T, a, rtol=0, atol=1e-11 * float(s2))
+
+
 # ---------------------------------------------------------------------------------------------
 # The tracker against brute force
 # ---------------------------------------------------------------------------------------------
