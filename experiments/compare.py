@@ -12,7 +12,6 @@ naming the valid ones, closest first.
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from lipexp import results
 
 from .common import IGNORED_KEYS as NOT_RESULT_KEYS
 from .common import Run, collect_runs
+from .schema import closest_first
 
 DEFAULT_METRICS = ["max_rel_err", "final_K_emp", "final_K_pred", "final_test_acc"]
 DEFAULT_CURVES = ["K_emp", "K_pred"]
@@ -72,7 +72,7 @@ def check_names(kind: str, asked: list[str], valid: set[str]) -> None:
     """Exit with one line when a name in ``asked`` is none of ``valid``, listing the valid ones closest first."""
     for name in asked:
         if name not in valid:
-            ranked = difflib.get_close_matches(name, sorted(valid), n=len(valid), cutoff=0.0)
+            ranked = closest_first(name, sorted(valid))
             shown = ", ".join(ranked[:10]) + (f", ... ({len(ranked)} in all)" if len(ranked) > 10 else "")
             fail(f"unknown {kind} '{name}': no run has it; valid {kind}s (closest first): {shown or 'none'}")
 

@@ -236,9 +236,10 @@ def _valid_children(node: Any) -> list[str] | None:
     return None
 
 
-def _closest_first(name: str, choices: list[str]) -> list[str]:
-    close = difflib.get_close_matches(name, choices, n=len(choices), cutoff=0.0)
-    return close
+def closest_first(name: str, choices) -> list[str]:
+    """All of ``choices``, the closest to ``name`` first (for "valid ones are ..." messages)."""
+    choices = list(choices)
+    return difflib.get_close_matches(name, choices, n=len(choices), cutoff=0.0)
 
 
 def check_override_keys(overrides: list[str]) -> None:
@@ -274,7 +275,7 @@ def _check_group_choice(group: str, ov) -> None:
     for v in values:
         if isinstance(v, str) and options and v not in options:
             raise ConfigError(
-                f"unknown {group} '{v}'; valid options of {group}: {', '.join(_closest_first(v, options))}"
+                f"unknown {group} '{v}'; valid options of {group}: {', '.join(closest_first(v, options))}"
             )
 
 
@@ -288,7 +289,7 @@ def _check_dotted(key: str) -> None:
         if part not in children:
             where = ".".join(parts[:i])
             of = f"of {where}" if where else "at the top level"
-            raise ConfigError(f"unknown key '{key}'; valid keys {of}: {', '.join(_closest_first(part, children))}")
+            raise ConfigError(f"unknown key '{key}'; valid keys {of}: {', '.join(closest_first(part, children))}")
         if i == 0 and part in FREE_FORM:
             return
         f = {f.name: f for f in dataclasses.fields(node)}[part]
