@@ -157,6 +157,27 @@ def test_geometry_of_float32_weights_and_warm_start():
             assert torch.allclose(torch.outer(warm.u1, warm.v1), torch.outer(ref.U[:, 0], ref.Vh[0]), atol=1e-13)
 
 
+def test_warm_start_survives_a_large_move_without_the_spectrum(monkeypatch):
+    # injected gradient noise moves the weights ~1e-2 per element per step (fig4_6): the re-shifted warm
+    # start must still converge (no eigvalsh fallback, which cost 90% of begin() there) and stay exact
+    import lipexp.dynamics as dyn
+    g = torch.Generator().manual_seed(3)
+    for m, n in [(64, 300), (300, 64), (40, 40)]:
+        w = torch.randn(m, n, generator=g, dtype=torch.float64) / n**0.5
+        prev = opnorm_geometry(w)
+        calls = []
+        monkeypatch.setattr(dyn, "_cold_top", lambda gram, name: calls.append(name) or (_ for _ in ()).throw(
+            AssertionError("fell back to the spectrum")))
+        for scale in (1e-4, 1e-3, 1e-2):
+            moved = w + scale * torch.randn(m, n, generator=g, dtype=torch.float64)
+            ref = torch.linalg.svd(moved)
+            warm = opnorm_geometry(moved, start=prev.q1)
+            assert rel(float(warm.s1), float(ref.S[0])) <= 1e-14
+            assert torch.allclose(torch.outer(warm.u1, warm.v1), torch.outer(ref.U[:, 0], ref.Vh[0]), atol=1e-12)
+        monkeypatch.undo()
+        assert not calls
+
+
 def test_geometry_of_a_large_weight_uses_the_blocked_gram_exactly():
     # 400 x 2100 (and its transpose): past the size where the Gram is formed block by block (upper triangle)
     g = torch.Generator().manual_seed(5)
