@@ -136,6 +136,10 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.aggregate_only:
         aggregate(cfg)
         return None
+    if cfg.threads is not None:  # parallel jobs (hydra/launcher=joblib) on a small CPU: 1 thread each
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
     from lipexp import results
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)

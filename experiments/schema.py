@@ -137,6 +137,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: SeedConfig = field(default_factory=SeedConfig)
     device: str = "auto"
+    threads: Optional[int] = None  # torch CPU threads per job (None: torch's default); 1 with parallel jobs
     resume: bool = True  # continue an unfinished run in the same run directory
     force: bool = False  # rerun a completed run (the old directory is kept, renamed)
     aggregate_only: bool = False  # rebuild the figure from saved runs without training
@@ -181,6 +182,7 @@ def validate(cfg: DictConfig) -> None:
     _positive("train.log_every", cfg.train.log_every)
     _positive("train.checkpoint_every", cfg.train.checkpoint_every)
     _positive("train.eval_every", cfg.train.eval_every, minimum=0)
+    _positive("threads", cfg.threads, allow_none=True)
     if not (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr)):
         raise ConfigError(f"optim.lr={cfg.optim.lr!r} is not valid; it must be a finite number > 0")
     for key in ("optim.momentum", "optim.weight_decay", "train.mixup_alpha", "train.fgsm_eps",

@@ -150,7 +150,7 @@ def _from_mirror(name: str, split: str, mirror: Path, cache_dir: Path):
         except Exception as err:  # truncated or corrupt: decode again rather than fail on it forever
             log.warning("decoded cache %s is unreadable (%s: %s); rebuilding it from %s",
                         cached, type(err).__name__, err, src)
-            cached.unlink()
+            cached.unlink(missing_ok=True)  # a concurrent job may have removed it already
     try:
         with np.load(src) as d:
             if name == "mnist":

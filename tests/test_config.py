@@ -16,6 +16,7 @@ def _last_error_line(proc):
         ("data.label_noise=1.5", "data.label_noise=1.5 is not valid; it must lie in [0, 1]"),
         ("optim=adam", "predicts K(t) for plain SGD only"),
         ("data.sampling=sorted", "data.sampling='sorted' is not valid; choose one of"),
+        ("threads=0", "threads=0 is not valid"),
     ],
 )
 def test_invalid_values_are_one_line_errors(lipexp_cli, override, expected):
