@@ -18,7 +18,8 @@ ifeq ($(origin LIPEXP_DATA_MIRROR), undefined)
 endif
 
 CHAPTER3 := fig3_2 fig3_3 fig3_4 table2_1 bounds
-CHAPTER4 := fig4_2 fig4_8 fig4_3 fig4_4 fig4_5 fig4_6 fig4_7 fig4_1 init_k0
+CHAPTER4 := fig4_2 fig4_8 fig4_4 fig4_5 fig4_6 fig4_7
+CHAPTER4_SINGLE := fig4_3 fig4_1 init_k0
 CHAPTER5 := fig5_2 gaussian lemma5_3_4 fig5_1 fig5_4 fig5_5 fig5_6
 CHAPTER7 := fig7_2 fig7_1
 CHAPTER6 := fig6_zoo fig6_1 fig6_2 fig6_6 fig6_7 fig6_9 fig6_10 fig6_11 fig6_12 fig6_13 fig6_15 fig6_16 fig6_3 fig6_8
@@ -50,12 +51,27 @@ define run_figures
 	done
 endef
 
+# $(1): figures of one run each, started side by side with 1 thread each (LAUNCH= runs them one by one);
+# every one runs to its end, and the target fails if any failed.
+define run_side_by_side
+	@set -e; if [ -z "$(strip $(LAUNCH))" ]; then \
+	  for f in $(1); do echo "== $$f (profile $(PROFILE))"; $(LIPEXP) -m figure=$$f profile=$(PROFILE) $(ARGS); done; \
+	else \
+	  pids=""; for f in $(1); do \
+	    echo "== $$f (profile $(PROFILE), side by side)"; \
+	    $(LIPEXP) -m figure=$$f profile=$(PROFILE) threads=1 $(ARGS) & pids="$$pids $$!"; \
+	  done; \
+	  failed=0; for p in $$pids; do wait $$p || failed=1; done; exit $$failed; \
+	fi
+endef
+
 reproduce-chapter3: install ## Chapter 3: singular-value derivatives, Table 2.1, bounds
 	$(call run_figures,$(CHAPTER3))
 	$(MAKE) --no-print-directory report
 
 reproduce-chapter4: install ## Chapter 4: the SDE for K(t) (Figs 4.1-4.8)
 	$(call run_figures,$(CHAPTER4),$(LAUNCH))
+	$(call run_side_by_side,$(CHAPTER4_SINGLE))
 	$(MAKE) --no-print-directory report
 
 reproduce-chapter5: install ## Chapter 5: Fourier analysis (Figs 5.1-5.6)
