@@ -51,18 +51,14 @@ define run_figures
 	done
 endef
 
-# $(1): figures of one run each, started side by side with 1 thread each (LAUNCH= runs them one by one);
-# every one runs to its end, and the target fails if any failed.
+# $(1): figures of one run each, started side by side with 1 thread each; every one runs to its end, and the
+# target fails if any failed. With LAUNCH= they run one by one (run_figures).
 define run_side_by_side
-	@set -e; if [ -z "$(strip $(LAUNCH))" ]; then \
-	  for f in $(1); do echo "== $$f (profile $(PROFILE))"; $(LIPEXP) -m figure=$$f profile=$(PROFILE) $(ARGS); done; \
-	else \
-	  pids=""; for f in $(1); do \
-	    echo "== $$f (profile $(PROFILE), side by side)"; \
-	    $(LIPEXP) -m figure=$$f profile=$(PROFILE) threads=1 $(ARGS) & pids="$$pids $$!"; \
-	  done; \
-	  failed=0; for p in $$pids; do wait $$p || failed=1; done; exit $$failed; \
-	fi
+	@pids=""; for f in $(1); do \
+	  echo "== $$f (profile $(PROFILE), side by side)"; \
+	  $(LIPEXP) -m figure=$$f profile=$(PROFILE) threads=1 $(ARGS) & pids="$$pids $$!"; \
+	done; \
+	failed=0; for p in $$pids; do wait $$p || failed=1; done; exit $$failed
 endef
 
 reproduce-chapter3: install ## Chapter 3: singular-value derivatives, Table 2.1, bounds
@@ -71,7 +67,7 @@ reproduce-chapter3: install ## Chapter 3: singular-value derivatives, Table 2.1,
 
 reproduce-chapter4: install ## Chapter 4: the SDE for K(t) (Figs 4.1-4.8)
 	$(call run_figures,$(CHAPTER4),$(LAUNCH))
-	$(call run_side_by_side,$(CHAPTER4_SINGLE))
+	$(if $(strip $(LAUNCH)),$(call run_side_by_side,$(CHAPTER4_SINGLE)),$(call run_figures,$(CHAPTER4_SINGLE)))
 	$(MAKE) --no-print-directory report
 
 reproduce-chapter5: install ## Chapter 5: Fourier analysis (Figs 5.1-5.6)
