@@ -90,17 +90,20 @@ class LinearHandler:
             xs = xs.reshape(mb, -1, n)
             y = _batch_first(output.detach(), bd).reshape(mb, -1, m)  # a view (batch first): no copy
             bias = mod.bias.detach() if mod.bias is not None else None
+            # version checks on detached aliases (they share the version counter): a hook that held ``output``
+            # itself would keep it, its graph and everything captured here alive (a cycle through autograd)
+            x_alias, out_alias = x.detach(), output.detach()
             version, out_version = x._version, output._version
 
             def grad_hook(g):
                 if not env.armed:
                     return None
-                if x._version != version:
+                if x_alias._version != version:
                     raise RuntimeError(f"the input of layer '{sink.name}' was modified in place after its forward")
                 with torch.no_grad():
                     delta = _batch_first(g, bd).reshape(mb, -1, m)
                     # an in-place op on the output (ReLU(inplace=True)) after the forward: W b from b instead
-                    same = output._version == out_version
+                    same = out_alias._version == out_version
                     _linear_use(sink, xs, delta, (y, bias) if same else None, (0, m))
                 return None
 
@@ -418,15 +421,16 @@ class MultiheadAttentionHandler:
             full = rows == (0, sink.shape[0])
             y = out.detach().reshape(-1, bsz, r).transpose(0, 1) if full else None
             bias = b.detach() if b is not None else None
+            x_alias, out_alias = x.detach(), out.detach()  # not x, out: see the Linear handler
             version, out_version = x._version, out._version
 
             def grad_hook(g):
                 if not env.armed:
                     return None
-                if x._version != version:
+                if x_alias._version != version:
                     raise RuntimeError(f"an input of '{sink.name}' was modified in place after its forward")
                 with torch.no_grad():
-                    keep = full and out._version == out_version
+                    keep = full and out_alias._version == out_version
                     _linear_use(sink, xs, g.reshape(-1, bsz, r).transpose(0, 1), (y, bias) if keep else None, rows)
                 return None
 
