@@ -33,7 +33,7 @@ from lipexp.models import DATASET_STATS
 from lipexp.train import resolve_device, to_pixels, train
 
 from . import plots
-from .ch3 import blank, pick_run, threads, write_empty
+from .ch3 import blank, pick_run, write_empty
 from .common import build_model, load_data, train_spec, write_outputs
 
 LAYERS = "layers.csv"
@@ -61,11 +61,6 @@ def fft_bound(conv: nn.Conv2d, input_shape: tuple[int, int, int]) -> float:
 
 
 def run(cfg, run_dir):
-    with threads(cfg.figure.threads):
-        return _run(cfg, run_dir)
-
-
-def _run(cfg, run_dir):
     device = resolve_device(cfg.device)
     train_set, test_set = load_data(cfg)
     results.update_status(run_dir, data_source=train_set.source)

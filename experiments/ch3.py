@@ -1,29 +1,9 @@
-"""Pieces shared by the Chapter 3 figures (and init_k0): CPU threads, picking the run to plot, empty outputs."""
+"""Pieces shared by the Chapter 3 figures (and init_k0): picking the run to plot, empty outputs."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pandas as pd
-import torch
 
 from .common import write_outputs
-
-
-@contextmanager
-def threads(n: int | None):
-    """Run the block with ``n`` torch CPU threads (None: leave torch's setting), restoring it afterwards.
-
-    These jobs multiply small matrices (SVDs of weights, power iteration on batches of 4, Hessians of 60 x 60),
-    where extra threads only add synchronisation; on a shared 2-core machine one thread was 3x (training steps
-    at batch 64) to 30x (init_k0's SVDs) faster than two.
-    """
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def pick_run(cfg, runs, needed: str, keys: tuple[str, ...] = ("seed.data",)):

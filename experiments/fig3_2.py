@@ -14,7 +14,7 @@ import pandas as pd
 from lipexp import plots_ch3, results, spectral
 
 from . import plots
-from .ch3 import blank, pick_run, threads, write_empty
+from .ch3 import blank, pick_run, write_empty
 from .common import write_outputs
 
 ARRAYS = "derivatives.npz"
@@ -36,8 +36,7 @@ def run(cfg, run_dir):
         m, n = int(shape[0]), int(shape[1])
         for dist in cfg.figure.dists:
             A = spectral.random_matrices((m, n), str(dist), seed=seed)
-            with threads(cfg.figure.threads):
-                compared = spectral.compare_derivatives(A, order)
+            compared = spectral.compare_derivatives(A, order)
             for r in compared:
                 rows.append({"dist": str(dist), "shape": _shape_name(shape), "k": r["k"] + 1, "sigma_k": r["sigma"],
                              "eps": r["eps"]})

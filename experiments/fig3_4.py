@@ -12,7 +12,7 @@ import torch
 from lipexp import results, spectral
 
 from . import plots
-from .ch3 import blank, pick_run, threads, write_empty
+from .ch3 import blank, pick_run, write_empty
 from .common import write_outputs
 
 ERRORS = "errors.npz"
@@ -43,8 +43,7 @@ def run(cfg, run_dir):
     for what, order in ORDERS.items():
         for shape in cfg.figure.shapes:
             for dist in cfg.figure.dists:
-                with threads(cfg.figure.threads):
-                    err = spectral.error_trials((int(shape[0]), int(shape[1])), str(dist), trials, seed, order)
+                err = spectral.error_trials((int(shape[0]), int(shape[1])), str(dist), trials, seed, order)
                 out[f"{what}|{_case(dist, shape)}"] = err.numpy()
         summary[f"max_eps_{what}"] = float(max(v.max() for k, v in out.items() if k.startswith(f"{what}|")))
     np.savez(run_dir / ERRORS, **out)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from lipexp import bounds, models, plots_ch3, results
 
-from .ch3 import pick_run, threads, write_empty
+from .ch3 import pick_run, write_empty
 from .common import write_outputs
 
 RESULT = "init_k0.json"
@@ -24,8 +24,7 @@ def run(cfg, run_dir):
         if name not in BUILDERS:
             raise ValueError(f"figure.models: unknown model '{name}'; choose from {sorted(BUILDERS)}")
         for init in cfg.figure.inits:
-            with threads(cfg.figure.threads):
-                res = bounds.init_k0(BUILDERS[name], str(init), seeds=range(int(cfg.scale.seeds)))
+            res = bounds.init_k0(BUILDERS[name], str(init), seeds=range(int(cfg.scale.seeds)))
             out[f"{name} {init}"] = res
             summary[f"ratio_{name}_{init}"] = res["network"]["ratio"]
     results.write_json(run_dir / RESULT, out)

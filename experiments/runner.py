@@ -136,7 +136,7 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.aggregate_only:
         aggregate(cfg)
         return None
-    if cfg.threads is not None:  # parallel jobs (hydra/launcher=joblib) on a small CPU: 1 thread each
+    if cfg.threads is not None:  # a figure's default (Chapter 3: small matrices) or threads=1 for parallel jobs
         import torch
 
         torch.set_num_threads(int(cfg.threads))

@@ -15,7 +15,7 @@ from torch import nn
 from lipexp import activations, results
 
 from . import plots
-from .ch3 import pick_run, threads, write_empty
+from .ch3 import pick_run, write_empty
 from .common import write_outputs
 
 ROWS = "rows.csv"
@@ -50,8 +50,7 @@ def _curves(cfg) -> dict[str, np.ndarray]:
 
 def run(cfg, run_dir):
     results.update_status(run_dir, data_source="none (scalar functions)")
-    with threads(cfg.figure.threads):
-        return _run(cfg, run_dir)
+    return _run(cfg, run_dir)
 
 
 def _run(cfg, run_dir):

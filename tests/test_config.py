@@ -61,3 +61,16 @@ def test_list_prints_every_figure_config():
     ids = [p.stem for p in (CONF_DIR / "figure").glob("*.yaml")]
     assert ids and all(i in out for i in ids)
     assert all(title for _, title in list_figures())
+
+
+def test_figures_set_their_thread_default_and_the_command_line_wins():
+    """Chapter 3 figures (small matrices) default to 1 torch thread, applied by the runner for the whole job."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.runner import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        for fig in ("fig3_2", "fig3_3", "fig3_4", "table2_1", "bounds", "init_k0"):
+            assert compose("config", [f"figure={fig}"]).threads == 1, fig
+        assert compose("config", ["figure=fig3_2", "threads=2"]).threads == 2
+        assert compose("config", ["figure=fig4_2"]).threads is None
