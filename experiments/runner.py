@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -96,22 +97,60 @@ def aggregate(cfg: DictConfig) -> None:
 
 
 class AggregateOnMultirunEnd(Callback):
-    """Hydra callback: after a sweep, aggregate the figure once over all its runs."""
+    """Hydra callback: after a sweep, aggregate the figure once over all its runs; a sweep whose every job
+    was a config error (``-m ... threads=0``) exits with status 2, like the same error in a single run."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.started = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         try:
             aggregate(config)
         except Exception:  # the runs are saved; a plotting problem must not hide that
             log.exception("aggregation failed; the runs are saved, rerun with aggregate_only=true")
+        reasons = invalid_sweep_reasons(profile_runs_dir(config), getattr(self, "started", None))
+        if reasons:
+            print(f"lipexp: no job of the sweep ran: {reasons[0]}", file=sys.stderr)
+            sys.exit(2)
+
+
+CONFIG_ERROR_FILE = "config_error.json"  # a sweep job's config error; a saved run in that folder is left as it is
+
+
+def invalid_sweep_reasons(runs_dir: Path, since: float | None) -> list[str]:
+    """The config errors recorded under ``runs_dir`` at or after ``since`` if no job started there since
+    (every job of the sweep was invalid); else an empty list."""
+    import json
+
+    if since is None or not runs_dir.is_dir():
+        return []
+    recent = lambda path: path.stat().st_mtime >= since - 1.0  # noqa: E731 (file times may lag by a tick)
+    errors = [p for p in runs_dir.glob(f"*/{CONFIG_ERROR_FILE}") if recent(p)]
+    started = [p for p in runs_dir.glob("*/status.json") if recent(p) and p.with_name(CONFIG_ERROR_FILE) not in errors]
+    if not errors or started:
+        return []
+    out = []
+    for path in errors:
+        try:
+            out.append(str(json.loads(path.read_text()).get("reason", "config error")))
+        except (OSError, ValueError):
+            out.append("config error")
+    return out
 
 
 def _record_invalid_job(cfg: DictConfig, err: Exception) -> None:
     """One invalid combination in a sweep (e.g. ``model=mlp`` with ``data=cifar10``) is saved as an
-    ``invalid`` run with the reason, so that the other jobs and the figure's aggregation still happen."""
+    ``invalid`` run with the reason, so that the other jobs and the figure's aggregation still happen. A
+    folder that already holds a run (keys outside the run name, such as ``threads``, map a bad value onto
+    a saved run) keeps its config and status: only ``config_error.json`` is written there."""
     from lipexp import results
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    results.write_json(run_dir / CONFIG_ERROR_FILE, {"reason": f"config error: {err}"})
+    if results.read_status(run_dir).get("status") not in (None, "invalid"):
+        log.error("config error, job not run (the sweep goes on; the saved run in %s is untouched): %s", run_dir, err)
+        return
     try:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     except Exception:  # the error may lie in an interpolation itself: keep the config as written
@@ -144,6 +183,7 @@ def main(cfg: DictConfig) -> float | None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    (run_dir / CONFIG_ERROR_FILE).unlink(missing_ok=True)  # an earlier sweep's bad value, now fixed
     try:
         summary = run_job(cfg, module, run_dir)
     except results.InputError as err:  # a locked run dir, a corrupt run file: one line, nothing touched

@@ -115,6 +115,25 @@ def test_sweep_records_an_invalid_combination_and_goes_on(lipexp_cli):
     assert single.returncode == 2 and "config error: model=mlp expects 28x28" in single.stderr
 
 
+def test_sweep_of_only_config_errors_exits_2_and_leaves_saved_runs_untouched(lipexp_cli):
+    # threads is not part of the run name: threads=0 maps the sweep's job onto the saved run, whose files stay
+    lipexp_cli(*MNIST)
+    (saved,) = _runs(lipexp_cli.results)
+    config_before = (saved / "config.yaml").read_text()
+    proc = lipexp_cli("-m", *MNIST, "threads=0", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "lipexp: no job of the sweep ran: config error: threads=0 is not valid" in proc.stderr
+    assert json.loads((saved / "status.json").read_text())["status"] == "completed"
+    assert (saved / "config.yaml").read_text() == config_before
+    assert "threads=0" in (saved / "config_error.json").read_text()
+    # two jobs, both invalid (one in a new folder, recorded as an invalid run): still exit 2
+    proc = lipexp_cli("-m", *MNIST, "threads=0", "seed.sampling=1,2", check=False)
+    assert proc.returncode == 2 and "threads=0 is not valid" in proc.stderr
+    # the sweep with a valid value is not an error (its job is already done) and drops the config_error.json
+    lipexp_cli("-m", *MNIST)
+    assert not (saved / "config_error.json").exists()
+
+
 def test_submitit_local_multirun_aggregates_two_jobs(lipexp_cli):
     lipexp_cli("-m", *MNIST, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
                "seed.sampling=1,2", timeout=900)
