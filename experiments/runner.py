@@ -120,20 +120,24 @@ CONFIG_ERROR_FILE = "config_error.json"  # a sweep job's config error; a saved r
 def invalid_sweep_reasons(runs_dir: Path, since: float | None) -> list[str]:
     """The config errors recorded under ``runs_dir`` at or after ``since`` if no job started there since
     (every job of the sweep was invalid); else an empty list."""
-    import json
+    from lipexp import results
 
     if since is None or not runs_dir.is_dir():
         return []
-    recent = lambda path: path.stat().st_mtime >= since - 1.0  # noqa: E731 (file times may lag by a tick)
+
+    def recent(path: Path) -> bool:
+        return path.stat().st_mtime >= since - 1.0  # file times may lag the clock by a tick
+
     errors = [p for p in runs_dir.glob(f"*/{CONFIG_ERROR_FILE}") if recent(p)]
-    started = [p for p in runs_dir.glob("*/status.json") if recent(p) and p.with_name(CONFIG_ERROR_FILE) not in errors]
+    started = [p for p in runs_dir.glob(f"*/{results.STATUS_FILE}")
+               if recent(p) and p.with_name(CONFIG_ERROR_FILE) not in errors]
     if not errors or started:
         return []
     out = []
     for path in errors:
         try:
-            out.append(str(json.loads(path.read_text()).get("reason", "config error")))
-        except (OSError, ValueError):
+            out.append(str((results.read_json(path) or {}).get("reason", "config error")))
+        except results.RunFileError:
             out.append("config error")
     return out
 

@@ -50,10 +50,6 @@ def _curves(cfg) -> dict[str, np.ndarray]:
 
 def run(cfg, run_dir):
     results.update_status(run_dir, data_source="none (scalar functions)")
-    return _run(cfg, run_dir)
-
-
-def _run(cfg, run_dir):
     sc = cfg.scale
     rows = []
     for name, mod in _modules(cfg):
