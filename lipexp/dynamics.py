@@ -638,10 +638,13 @@ class DynamicsTracker:
       weight has no ``.grad``). Turn off if the loss deliberately adds terms on the weights (an L2
       penalty in the loss; the applied-update drift still handles it exactly).
     - ``chunk_elems``: memory budget (elements) of a chunk of per-sample gradients in the split.
-    - ``linalg_threads``: CPU threads for the small float64 linear algebra of ``begin()``/``end()``
-      (Gram matrices, ``eigvalsh``, Cholesky of at most a few hundred rows). One by default: threads
-      buy little there, and on an oversubscribed machine OpenMP's waiting made these calls 5-7x slower
-      in our measurements. ``None`` keeps torch's setting. The hooks always use torch's setting.
+    - ``linalg_threads``: CPU threads for the float64 linear algebra of ``begin()``/``end()`` (Gram
+      matrices, ``eigvalsh``, Cholesky factors). ``None`` (default) keeps torch's setting, as the training
+      step does: on an idle 2-core machine, 2 threads halve the Gram and triangular solves of a 512-row
+      weight, and switching the thread count around every step also slowed the model's own next
+      forward/backward (MLP step 4.7 -> 6.7 ms; scripts/bench_tracker.py). On an oversubscribed machine set
+      torch's threads to 1 for the whole job (the Makefile's parallel launches do), or pass 1 here.
+      The hooks always use torch's setting.
     """
 
     def __init__(
@@ -656,7 +659,7 @@ class DynamicsTracker:
         reduction: str = "mean",
         check_grad: bool = True,
         chunk_elems: int = 1 << 22,
-        linalg_threads: int | None = 1,
+        linalg_threads: int | None = None,
         strict: bool = True,
         batch_dim: int = 0,
         check_update: bool = True,
