@@ -14,6 +14,9 @@ another's hooks):
   plain     zero_grad, forward, mean of per-sample cross-entropy, backward, SGD step;
   track     the same step between DynamicsTracker.begin() and .end(): every term of every layer
             (sigma1, mu, kappa, lambda2, mu2, lambda2_full);
+  floor     the plain step plus, per tracked weight, its float64 Gram matrix (the smaller side) and one
+            Cholesky factor of that size: the linear algebra any exact per-step kappa needs (the tracker does
+            this and a second factor, inverse iteration and the projections); not a method, a lower bound;
   split     track with split=True (variance/covariance parts too; per-sample gradient chunks for convolutions);
   vmap      per-sample gradients of all parameters by torch.func.vmap(grad), the step from their mean;
   backpack  BackPACK's BatchGrad (per-sample gradients in backward), when backpack-for-pytorch is installed;
@@ -62,10 +65,11 @@ from torch.func import functional_call, grad, vmap
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lipexp.dynamics import DynamicsTracker  # noqa: E402
+from lipexp.dynamics import DynamicsTracker, _gram, _shifted  # noqa: E402
+from lipexp.layers import find_weights  # noqa: E402
 from lipexp.models import convnet, mlp  # noqa: E402
 
-VARIANTS = ("plain", "track", "split", "vmap", "backpack", "opacus")
+VARIANTS = ("plain", "floor", "track", "split", "vmap", "backpack", "opacus")
 MODELS = ("convnet128", "convnet256", "mlp", "resnet18", "transformer")
 PEER_PACKAGES = {"backpack": "backpack", "opacus": "opacus"}  # variant -> import name (the `bench` extra)
 
@@ -126,6 +130,19 @@ def build_variant(variant: str, base: torch.nn.Module, x, y, lr: float):
 
     if variant == "plain":
         return plain
+    if variant == "floor":
+        refs = find_weights(model)[0]
+
+        def floor():
+            plain()
+            with torch.no_grad():
+                for ref in refs:
+                    w = ref.tensor().detach()
+                    w = w.reshape(w.shape[0], -1).to(torch.float64)
+                    g = _gram(w if w.shape[0] <= w.shape[1] else w.T)
+                    torch.linalg.cholesky_ex(_shifted(g, 1.01 * g.diagonal().sum()))  # SPD: trace > lambda_max
+
+        return floor
     if variant in ("track", "split"):
         tracker = DynamicsTracker(model, lr, split=variant == "split", optimizer=opt)
 
@@ -349,7 +366,7 @@ def main():
     ap.add_argument("--costly-threads", default=None,
                     help="thread settings at which split and the peers run too (default: the first of --threads; "
                     "'all' for every setting); the others time plain and track only")
-    ap.add_argument("--no-peers", action="store_true", help="plain, track, split only")
+    ap.add_argument("--no-peers", action="store_true", help="plain, floor, track, split only")
     ap.add_argument("--no-split", action="store_true", help="leave out the split variant")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-all", action="store_true", help="peak memory of the peers too (slow: fresh process each)")
@@ -367,7 +384,7 @@ def main():
         threads = [int(t) for t in args.threads.split(",")]
     except ValueError:
         sys.exit(f"--threads takes comma-separated integers, e.g. 1,2; got {args.threads!r}")
-    variants = [v for v in VARIANTS if not (args.no_peers and v not in ("plain", "track", "split"))
+    variants = [v for v in VARIANTS if not (args.no_peers and v not in ("plain", "floor", "track", "split"))
                 and not (args.no_split and v == "split")]
     missing = [p for v, p in PEER_PACKAGES.items() if v in variants and importlib.util.find_spec(p) is None]
     if missing:
@@ -381,7 +398,7 @@ def main():
     for name in args.models.split(","):
         for nt in threads:
             torch.set_num_threads(nt)
-            these = variants if nt in costly else [v for v in variants if v in ("plain", "track")]
+            these = variants if nt in costly else [v for v in variants if v in ("plain", "floor", "track")]
             built = setup(name, these, dev, args.lr)
             fns = {v: f for v, f in built.items() if not isinstance(f, str)}
             notes = {v: f for v, f in built.items() if isinstance(f, str)}
