@@ -41,13 +41,14 @@ A training loop with the tracker (one metrics row per step)::
                **term_columns(terms)}
     tracker.close()
 
-Cost (``scripts/bench_tracker.py``, one CPU thread, paired median over interleaved repeats on a shared
-2-core machine): ConvNet of thesis Table 4.1 about 1.15-1.25x a plain SGD step (batch 256 and 128), peak
-memory 1.1-1.25x; resnet18 (32x32, batch 64) about 2.4x; the MLP of Table 4.2 (batch 128) about 9x. The
-exact float64 Gram of each weight (k^2 N operations for a k x N weight, k the smaller side) and two k x k
-Cholesky factorisations per step set that floor: where the weights are large next to the activations
-(the MLP's 512 x 784 layer at batch 128, resnet18's 512 x 4608 convolutions on 1 x 1 maps) they cost as
-much as the step itself.
+Cost (``scripts/bench_tracker.py``, paired median over interleaved repeats on a 2-core CPU, 1 / 2 threads,
+results/bench/tracker_cpu.txt): ConvNet of thesis Table 4.1 1.14x / 1.29x a plain SGD step at batch 256
+(1.21x / 1.38x at 128), peak memory 1.05-1.24x; TransformerEncoder 1.39x / 1.71x; resnet18 (32x32, batch 64)
+2.7x / 3.3x; the MLP of Table 4.2 (batch 128) 6.5x / 8.1x. The bench's ``floor`` variant times the plain
+step plus each weight's exact float64 Gram (k^2 N operations for a k x N weight, k the smaller side) and one
+k x k Cholesky factor, which any exact per-step kappa needs: 1.02x for the ConvNet, 1.07-1.09x for the
+Transformer, but 1.9-2.0x for resnet18 on 32x32 inputs and 3.4-3.6x for the MLP, whose weights are large next
+to their activations (512 x 4608 convolutions on 1 x 1 maps, a 512 x 784 layer at batch 128).
 
 Per-sample gradient convention: ``G_i = sum_p delta_{i,p} x_{i,p}^T`` with ``delta`` the gradient of the
 *summed* loss with respect to the layer output (the loop may backprop the mean; the tracker rescales).
