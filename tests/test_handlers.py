@@ -119,6 +119,35 @@ def test_linear_on_sequence_first_batches_and_embedding():
         assert_terms(got[name], brute(w, grads[name], 0.05), KEYS, tol=TOL, label=name)
 
 
+@pytest.mark.parametrize("positions", [2, 4])
+def test_wide_linear_on_sequences_both_routes_to_w_b(positions, monkeypatch):
+    # W b_i of a wide weight comes from the layer's output when the sequence is short next to the input
+    # (T = 2: 16 T <= n = 40) and from the product with W in end() otherwise (T = 4): both exact
+    import lipexp.handlers as handlers
+
+    seen = []
+    orig = handlers._linear_use
+
+    def spy(sink, x, delta, out, rows):
+        orig(sink, x, delta, out, rows)
+        seen.append((sink.name, sink.wb is not None))
+
+    monkeypatch.setattr(handlers, "_linear_use", spy)
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wide, self.head = nn.Linear(40, 5), nn.Linear(5, 3)
+
+        def forward(self, x):  # (M, T, 40)
+            return self.head(torch.tanh(self.wide(x)).mean(1))
+
+    torch.manual_seed(0)
+    x, y = data((positions, 40))
+    check(Seq().double(), x, y)
+    assert dict(seen)["wide.weight"] == (positions == 2)  # the route its size calls for
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_multihead_attention_self_and_cross_against_brute_force(batch_first):
     class Attn(nn.Module):
