@@ -643,7 +643,8 @@ class DynamicsTracker:
       matrices, ``eigvalsh``, Cholesky factors). ``None`` (default) keeps torch's setting, as the training
       step does: on an idle 2-core machine, 2 threads halve the Gram and triangular solves of a 512-row
       weight, and switching the thread count around every step also slowed the model's own next
-      forward/backward (MLP step 4.7 -> 6.7 ms; scripts/bench_tracker.py). On an oversubscribed machine set
+      forward/backward (the MLP's, at 2 threads inside a tracked step: 6.7 ms with the switch, 4.7 ms
+      without, timed one after the other). On an oversubscribed machine set
       torch's threads to 1 for the whole job (the Makefile's parallel launches do), or pass 1 here.
       The hooks always use torch's setting.
     """

