@@ -219,14 +219,8 @@ def _gram(w: torch.Tensor, block: int = 128) -> torch.Tensor:
     return g
 
 
-def opnorm_geometry(
-    w: torch.Tensor, start: torch.Tensor | None = None, name: str = "weight", out: torch.Tensor | None = None
-) -> OpNormGeometry:
+def opnorm_geometry(w: torch.Tensor, start: torch.Tensor | None = None, name: str = "weight") -> OpNormGeometry:
     """s1, (u1, v1) and the Cholesky factor of ``A`` for ``w`` (m x n; computed in float64).
-
-    ``out`` (float64, m x n) receives the float64 copy of ``w`` that the result holds as ``.w`` (by default a
-    new tensor): a workspace reused step after step, or ``w`` itself when it is already a float64 copy that
-    nothing changes while the result is in use.
 
     The top eigenpair of the smaller Gram matrix comes from inverse iteration. With ``start`` (the
     previous step's top vector: weights move little per step) the shift is its Rayleigh quotient plus
@@ -236,12 +230,7 @@ def opnorm_geometry(
     top eigenvalue. Raises ``SpectrumError`` (a ValueError) if ``w`` is zero or its top singular value is
     repeated (thesis Assumption 4.6.1: the terms are then undefined).
     """
-    if out is None:
-        wd = w.detach().to(torch.float64, copy=True)  # a copy even for float64: the step updates w in place
-    elif out.dtype != torch.float64 or out.shape != w.shape:
-        raise ValueError(f"out must be a float64 tensor of w's shape {tuple(w.shape)}, got {out.dtype} {tuple(out.shape)}")
-    else:
-        wd = out if out is w else out.copy_(w.detach())
+    wd = w.detach().to(torch.float64, copy=True)  # a copy even for float64: the step updates w in place
     m, n = wd.shape
     wide = m <= n
     gram = _gram(wd if wide else wd.T)
@@ -315,13 +304,10 @@ def _times_w(x: torch.Tensor, geo: OpNormGeometry, dt: torch.dtype, transpose: b
 _CAST_BLOCK = 1 << 18  # elements of W cast to float64 at a time (2 MiB)
 
 
-def _rows_projections(
-    dw: torch.Tensor, v1: torch.Tensor, u1: torch.Tensor, work: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dW v1, u1^T dW)`` in float64 (v1, u1 float64), casting dW into ``work`` (a float64 buffer of its
-    shape, reused across steps) or else a block of rows at a time."""
-    if dw.dtype == torch.float64 or dw.numel() <= _CAST_BLOCK or work is not None:
-        d = dw.to(torch.float64) if work is None or dw.dtype == torch.float64 else work.copy_(dw)
+def _rows_projections(dw: torch.Tensor, v1: torch.Tensor, u1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dW v1, u1^T dW)`` in float64 (v1, u1 float64), casting dW a block of rows at a time."""
+    if dw.dtype == torch.float64 or dw.numel() <= _CAST_BLOCK:
+        d = dw.to(torch.float64)
         return d @ v1, u1 @ d
     rows = max(1, _CAST_BLOCK // dw.shape[1])
     dv, dtu = [], None
@@ -443,7 +429,6 @@ class _Layer:
     group: int = 0  # grouped conv: the group whose block has the largest sigma1 (the operator's)
     geo_group: int = -1  # the group ``geo`` belongs to (for the warm start)
     snapshot: torch.Tensor | None = None  # the (effective) weight before the step, param shape
-    snap_buf: torch.Tensor | None = None  # the snapshot's storage, kept across steps
     raw_snaps: list | None = None  # parametrised: the raw parameters before the step
     # per step, from the hooks
     calls: int = 0  # forward calls with grad seen
@@ -710,23 +695,8 @@ class DynamicsTracker:
         self._last: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self._handles: list = []
         self._noise_rows: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
-        self._work: dict[tuple, torch.Tensor] = {}  # scratch buffers reused every step (see _buffer)
         if not sigma1_only:
             self._install()
-
-    def _buffer(self, slot: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
-        """A scratch tensor of ``shape`` from this tracker's buffer ``slot``, allocated once and reused.
-
-        Fresh weight-sized temporaries each step (the float64 copy of a 512 x 4608 convolution weight is
-        19 MB) go to the kernel and back: on the 2-core CPU of the bench, faulting those pages in again cost
-        more than the arithmetic done on them. Contents are undefined; a slot holds one use at a time.
-        """
-        n = math.prod(shape)
-        key = (slot, dtype, torch.device(device))
-        buf = self._work.get(key)
-        if buf is None or buf.numel() < n:
-            buf = self._work[key] = torch.empty(n, dtype=dtype, device=device)
-        return buf[:n].view(shape)
 
     # -- setup -----------------------------------------------------------------------------------
     def _make_layer(self, ref: WeightRef) -> _Layer:
@@ -776,9 +746,6 @@ class DynamicsTracker:
             h.remove()
         self._handles.clear()
         self.armed = False
-        for layer in self.layers:  # the buffers reused across steps
-            layer.snap_buf = None
-        self._work.clear()
 
     def __enter__(self) -> "DynamicsTracker":
         return self
@@ -813,21 +780,13 @@ class DynamicsTracker:
                 start = layer.geo.q1 if layer.geo_group == layer.group else None
             else:
                 start = self._starts.pop(layer.name, None)
-            # the snapshot (the weight before the step) lives in a buffer of its own, reused every step
-            keep = layer.snap_buf
-            if keep is None or keep.shape != w_full.shape or keep.dtype != w_full.dtype or keep.device != w_full.device:
-                keep = layer.snap_buf = torch.empty_like(w_full, memory_format=torch.contiguous_format)
-            layer.snapshot = keep.copy_(w_full)
-            w_snap = layer.matrix(layer.snapshot)
-            # float64 model: the snapshot is the float64 copy; otherwise the copy goes to a shared scratch
-            # buffer, free again once this layer's geometry is built (the projections use W in its own dtype)
-            out = w_snap if w.dtype == torch.float64 else self._buffer("f64", w.shape, torch.float64, w.device)
-            layer.geo = opnorm_geometry(w_snap, start, f"weight '{layer.name}'", out=out)
+            layer.geo = opnorm_geometry(w, start, f"weight '{layer.name}'")
             layer.geo_group = layer.group
             layer.s1 = layer.geo.s1
             layer.u1, layer.v1 = layer.geo.u1.to(w.dtype), layer.geo.v1.to(w.dtype)
+            layer.snapshot = w_full.clone()
             if w.dtype != torch.float64:  # the projections run in the model's dtype: W in it, without a cast;
-                layer.geo.w_model = w_snap  # and no float64 copy of every weight is held
+                layer.geo.w_model = layer.matrix(layer.snapshot)  # and no float64 copy of every weight is held
                 layer.geo.w = None
             if layer.ref.parametrized:
                 layer.raw_snaps = [p.detach().clone() for p in layer.ref.raw_parameters()]
@@ -867,8 +826,7 @@ class DynamicsTracker:
                 if updates is not None:
                     dw = updates[layer.name]
                 else:
-                    w_now = layer.ref.tensor().detach()
-                    dw = torch.sub(w_now, layer.snapshot, out=self._buffer("dw", w_now.shape, w_now.dtype, w_now.device))
+                    dw = layer.ref.tensor().detach() - layer.snapshot
                 if self.check_update and (updates is None or not layer.ref.parametrized):
                     self._check_update(layer, dw, lr)
                 names.append(layer.name)
@@ -960,7 +918,7 @@ class DynamicsTracker:
                 g = torch.zeros_like(d)
             # in the weights' dtype (its own rounding, ~eps |W|, is inside the tolerance): cheap for big nets
             d, g, w0 = d.reshape(-1), g.reshape(-1).to(d.dtype), w0.reshape(-1).to(d.dtype)
-            r = torch.add(d, g, alpha=step, out=self._buffer("residual", d.shape, d.dtype, d.device))
+            r = torch.add(d, g, alpha=step)
             rw, ww, dd = torch.stack([r @ w0, w0 @ w0, d @ d]).double().tolist()
             rr = float(r @ r)
             if ww > 0:  # the weight-decay part, -lr*wd*W: |r - c w0|^2 = |r|^2 - (r.w0)^2/|w0|^2
@@ -978,9 +936,7 @@ class DynamicsTracker:
     def _layer_terms(self, layer: _Layer, dw: torch.Tensor, lr: float) -> list[torch.Tensor]:
         geo = layer.geo
         s1, u1, v1 = geo.s1, geo.u1, geo.v1
-        # (m,), (n,): d v1 and d^T u1 times lr; the float64 cast of dW reuses begin()'s scratch buffer
-        work = None if dw.dtype == torch.float64 else self._buffer("f64", dw.shape, torch.float64, dw.device)
-        dv, dtu = _rows_projections(dw, v1, u1, work)
+        dv, dtu = _rows_projections(dw, v1, u1)  # (m,), (n,): d v1 and d^T u1 times lr
         mu = (u1 @ dv) / (s1 * lr)
         mu2 = second_order_drift(geo, dv / lr, dtu / lr, lr)
         gs2, nv = self.grad_scale**2, self.noise_var
