@@ -65,7 +65,7 @@ from torch.func import functional_call, grad, vmap
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lipexp.dynamics import DynamicsTracker, _gram, _shifted  # noqa: E402
+from lipexp.dynamics import DynamicsTracker, _cholesky, _gram, _shifted  # noqa: E402
 from lipexp.layers import find_weights  # noqa: E402
 from lipexp.models import convnet, mlp  # noqa: E402
 
@@ -141,7 +141,7 @@ def build_variant(variant: str, base: torch.nn.Module, x, y, lr: float):
                     w = ref.tensor().detach()
                     w = w.reshape(w.shape[0], -1).to(torch.float64)
                     g = _gram(w if w.shape[0] <= w.shape[1] else w.T)
-                    torch.linalg.cholesky_ex(_shifted(g, 1.01 * g.diagonal().sum()))  # SPD: trace > lambda_max
+                    _cholesky(_shifted(g, 1.01 * g.diagonal().sum()))  # SPD: trace > lambda_max; the tracker's route
 
         return floor
     if variant in ("track", "split"):

@@ -23,6 +23,7 @@ from lipexp.dynamics import (
     step_terms,
     term_columns,
 )
+from lipexp import cpu_lapack
 from lipexp.dynamics import _conv_geometry, conv_b_projection
 from lipexp.layers import top_singular_values, weight_layers
 
@@ -178,8 +179,14 @@ def test_warm_start_survives_a_large_move_without_the_spectrum(monkeypatch):
         assert not calls
 
 
-def test_geometry_of_a_large_weight_uses_the_blocked_gram_exactly():
-    # 400 x 2100 (and its transpose): past the size where the Gram is formed block by block (upper triangle)
+@pytest.mark.parametrize("route", ["torch", "cpu_lapack"])
+def test_geometry_of_a_large_weight_uses_the_blocked_gram_exactly(route, monkeypatch):
+    # 400 x 2100 (and its transpose): past the size where torch's Gram is formed block by block (upper
+    # triangle); the one-thread CPU route (lipexp.cpu_lapack, these tests run on one thread) uses syrk
+    if route == "torch":
+        monkeypatch.setattr(cpu_lapack, "available", lambda t: False)
+    else:
+        assert cpu_lapack.available(torch.zeros(2, dtype=torch.float64)), "the SciPy route should be on here"
     g = torch.Generator().manual_seed(5)
     for w in (torch.randn(400, 2100, generator=g, dtype=torch.float64),
               torch.randn(2100, 400, generator=g, dtype=torch.float64)):

@@ -1,0 +1,84 @@
+"""Single-threaded float64 Gram matrices and Cholesky factors through SciPy's BLAS/LAPACK.
+
+Why: the tracker's ``begin()`` is a float64 Gram matrix and two Cholesky factors per weight. torch's CPU
+build ships Intel MKL, which on the AMD EPYC of the project's machines ran these 1.5x (``syrk``) and 1.6-2x
+(``potrf``) slower than the OpenBLAS that SciPy ships (one thread each, same process; see
+``scripts/bench_lapack.py``). Only the one-thread case is routed here: with more threads torch's own pool
+is as fast, and a second thread pool (OpenBLAS's) spinning next to torch's OpenMP pool on the same cores
+made single calls 3-10x slower.
+
+``available(t)`` says whether a float64 CPU tensor may take this route now: torch runs on one thread,
+and SciPy's BLAS library could be found and pinned to one thread for the call (threadpoolctl). Otherwise
+the callers use torch, and results agree to rounding either way.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+__all__ = ["available", "gram", "cholesky_lower"]
+
+_STATE: dict = {}  # the SciPy BLAS controller, found once per process (None: not controllable)
+
+
+def _controller():
+    if "lib" not in _STATE:
+        lib = None
+        try:
+            from scipy.linalg import blas  # noqa: F401 - loads SciPy's BLAS so threadpoolctl sees it
+            from threadpoolctl import ThreadpoolController
+
+            blas_libs = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+            # SciPy's wheels bundle their own OpenBLAS under scipy.libs/ (numpy's sits beside it, in numpy.libs/)
+            own = [c for c in blas_libs if "/scipy" in c.filepath.replace("\\", "/")]
+            libs = own or blas_libs  # one shared BLAS (a conda environment): that one
+            lib = libs[0] if len(libs) == 1 else None
+        except Exception:  # noqa: BLE001 - no SciPy/threadpoolctl or an unknown BLAS: torch's route
+            lib = None
+        _STATE["lib"] = lib
+    return _STATE["lib"]
+
+
+def available(t: torch.Tensor) -> bool:
+    return (t.device.type == "cpu" and t.dtype == torch.float64 and torch.get_num_threads() == 1
+            and _controller() is not None)
+
+
+@contextmanager
+def _one_thread():
+    lib = _controller()
+    old = lib.get_num_threads()
+    if old != 1:
+        lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if old != 1:
+            lib.set_num_threads(old)
+
+
+def gram(w: torch.Tensor) -> torch.Tensor:
+    """``w @ w.T`` (k x k) of a k x N float64 CPU matrix (``available(w)``; row- or column-major), by ``dsyrk``."""
+    from scipy.linalg import blas
+
+    a = w.numpy()
+    if not (a.flags.c_contiguous or a.flags.f_contiguous):
+        a = a.copy()
+    with _one_thread():  # a row-major k x N matrix is a column-major N x k one: syrk with trans
+        c = blas.dsyrk(1.0, a, trans=0, lower=0) if a.flags.f_contiguous else blas.dsyrk(1.0, a.T, trans=1, lower=0)
+    g = torch.from_numpy(c.T)  # row-major view: the lower triangle holds the result, the upper is zero
+    return g.add_(g.tril(-1).mT)
+
+
+def cholesky_lower(a: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(L, ok)``: the lower Cholesky factor of the symmetric float64 CPU matrix ``a`` (``available(a)``),
+    computed in place in ``a``; ``ok`` False (L then meaningless) when ``a`` is not positive definite."""
+    from scipy.linalg import lapack
+
+    arr = a.numpy()
+    with _one_thread():  # the transposed view is column-major: its upper factor is a's lower one
+        c, info = lapack.dpotrf(arr.T, lower=0, overwrite_a=1, clean=1)
+    if info != 0:
+        return a, False
+    return (a if c.base is arr or c.ctypes.data == arr.ctypes.data else torch.from_numpy(c.T.copy())), True
