@@ -35,6 +35,14 @@ def _batch_first(t: torch.Tensor, batch_dim: int) -> torch.Tensor:
     return t if batch_dim == 0 else t.movedim(batch_dim, 0)
 
 
+def _wb_from_output(sink, positions: int) -> bool:
+    """Whether ``_linear_use`` takes W b from the layer's output (see there). Decided at the forward, so
+    that a hook keeps the output alive only when it will read it: held to the backward, a 3 MB attention
+    in-projection output could not be reused by the allocator and was faulted in afresh each step."""
+    m_full, n = sink.shape
+    return m_full <= n and 16 * positions <= n
+
+
 def _linear_use(sink, x, delta, out, rows):
     """A linear map ``y_t = W[r0:r1] x_t (+ bias)`` over T positions per sample: x (M, T, n), delta (M, T, r),
     ``out = (y, bias)`` with y (M, T, m) the layer's output for all rows (or None: W b is then not known here)."""
@@ -48,8 +56,7 @@ def _linear_use(sink, x, delta, out, rows):
     # output (T m per sample, from memory) cheaper than that product in end() (n m per sample, small W):
     # on the bench's 2-layer Transformer (T = 32) leaving it out saved 3.9 / 2.1 ms a step (1 / 2 threads, paired).
     wb = None
-    m_full, n = sink.shape
-    if out is not None and m_full <= n and 16 * x.shape[1] <= n:
+    if out is not None and _wb_from_output(sink, x.shape[1]):
         y, bias = out
         wb = torch.einsum("mt,mtc->mc", du, y)
         if bias is not None:
@@ -92,11 +99,12 @@ class LinearHandler:
             xs = _batch_first(x.detach(), bd)
             mb = xs.shape[0]
             xs = xs.reshape(mb, -1, n)
-            y = _batch_first(output.detach(), bd).reshape(mb, -1, m)  # a view (batch first): no copy
+            # the output, a view (batch first, no copy), only where W b is taken from it
+            y = _batch_first(output.detach(), bd).reshape(mb, -1, m) if _wb_from_output(sink, xs.shape[1]) else None
             bias = mod.bias.detach() if mod.bias is not None else None
             # version checks on detached aliases (they share the version counter): a hook that held ``output``
             # itself would keep it, its graph and everything captured here alive (a cycle through autograd)
-            x_alias, out_alias = x.detach(), output.detach()
+            x_alias, out_alias = x.detach(), (output.detach() if y is not None else None)  # an alias holds storage
             version, out_version = x._version, output._version
 
             def grad_hook(g):
@@ -107,7 +115,7 @@ class LinearHandler:
                 with torch.no_grad():
                     delta = _batch_first(g, bd).reshape(mb, -1, m)
                     # an in-place op on the output (ReLU(inplace=True)) after the forward: W b from b instead
-                    same = out_alias._version == out_version
+                    same = y is not None and out_alias._version == out_version
                     _linear_use(sink, xs, delta, (y, bias) if same else None, (0, m))
                 return None
 
@@ -422,10 +430,10 @@ class MultiheadAttentionHandler:
             bsz = state["bsz"]
             n, r = x.shape[-1], out.shape[-1]
             xs = x.detach().reshape(-1, bsz, n).transpose(0, 1)  # (N, T, n)
-            full = rows == (0, sink.shape[0])
-            y = out.detach().reshape(-1, bsz, r).transpose(0, 1) if full else None
+            full = rows == (0, sink.shape[0]) and _wb_from_output(sink, xs.shape[1])
+            y = out.detach().reshape(-1, bsz, r).transpose(0, 1) if full else None  # see _wb_from_output
             bias = b.detach() if b is not None else None
-            x_alias, out_alias = x.detach(), out.detach()  # not x, out: see the Linear handler
+            x_alias, out_alias = x.detach(), (out.detach() if full else None)  # not x, out: see the Linear handler
             version, out_version = x._version, out._version
 
             def grad_hook(g):
