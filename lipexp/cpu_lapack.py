@@ -1,11 +1,15 @@
 """Single-threaded float64 Gram matrices and Cholesky factors through SciPy's BLAS/LAPACK.
 
 Why: the tracker's ``begin()`` is a float64 Gram matrix and two Cholesky factors per weight. torch's CPU
-build ships Intel MKL, which on the AMD EPYC of the project's machines ran these 1.5x (``syrk``) and 1.6-2x
-(``potrf``) slower than the OpenBLAS that SciPy ships (one thread each, same process; see
-``scripts/bench_lapack.py``). Only the one-thread case is routed here: with more threads torch's own pool
-is as fast, and a second thread pool (OpenBLAS's) spinning next to torch's OpenMP pool on the same cores
-made single calls 3-10x slower.
+build ships Intel MKL, which on the AMD EPYC of the project's machines ran these 1.0-1.3x (Gram) and
+1.4-1.8x (``potrf``) slower than the OpenBLAS that SciPy ships, one thread each, interleaved in one process
+(``scripts/bench_lapack.py``, results/bench/lapack_cpu.txt). In the tracker (paired A/B in one process, one
+thread) this route alone took 7.5% off the MLP of Table 4.2 and 6% off resnet18 (32x32); with the inverse
+iteration's triangular solves (dynamics._chol_solve) besides, the MLP went 6.7x -> 5.4x a plain step and resnet18
+2.6x -> 2.2x. Only the one-thread case
+is routed here: at two threads the A/B showed no gain, and a second thread pool (OpenBLAS's) spinning next
+to torch's OpenMP pool on the same cores made single calls 3-10x slower. The price: OpenBLAS allocates its
+work buffer once per process (the bench's peak-memory probe grew by 12-20 MiB).
 
 ``available(t)`` says whether a float64 CPU tensor may take this route now: torch runs on one thread,
 and SciPy's BLAS library could be found and pinned to one thread for the call (threadpoolctl). Otherwise

@@ -41,14 +41,16 @@ A training loop with the tracker (one metrics row per step)::
                **term_columns(terms)}
     tracker.close()
 
-Cost (``scripts/bench_tracker.py``, paired median over interleaved repeats on a 2-core CPU, 1 / 2 threads,
-results/bench/tracker_cpu.txt): ConvNet of thesis Table 4.1 1.14x / 1.29x a plain SGD step at batch 256
-(1.21x / 1.38x at 128), peak memory 1.05-1.24x; TransformerEncoder 1.39x / 1.71x; resnet18 (32x32, batch 64)
-2.7x / 3.3x; the MLP of Table 4.2 (batch 128) 6.5x / 8.1x. The bench's ``floor`` variant times the plain
-step plus each weight's exact float64 Gram (k^2 N operations for a k x N weight, k the smaller side) and one
-k x k Cholesky factor, which any exact per-step kappa needs: 1.02x for the ConvNet, 1.07-1.09x for the
-Transformer, but 1.9-2.0x for resnet18 on 32x32 inputs and 3.4-3.6x for the MLP, whose weights are large next
-to their activations (512 x 4608 convolutions on 1 x 1 maps, a 512 x 784 layer at batch 128).
+Cost (``scripts/bench_tracker.py``, paired median over interleaved repeats on a 2-core AMD EPYC CPU, 1 / 2
+threads, results/bench/tracker_cpu.txt): ConvNet of thesis Table 4.1 1.24x / 1.26x a plain SGD step at batch 256
+(1.24x / 1.51x at 128); TransformerEncoder 1.46x / 1.47x; resnet18 (32x32, batch 64) 2.5x / 2.8x; the MLP of
+Table 4.2 (batch 128) 5.3x / 6.9x (these ratios drift by 0.1-0.2 between runs of the same code on this machine).
+The bench's ``floor`` variant times the plain step plus each weight's exact float64 Gram (k^2 N operations for a
+k x N weight, k the smaller side) and one k x k Cholesky factor, by the tracker's own kernels, which any exact
+per-step kappa needs: 1.02-1.11x for the ConvNet, 1.10-1.17x for the Transformer, but 1.7-1.9x for resnet18 on
+32x32 inputs and 3.1-3.4x for the MLP, whose weights are large next to their activations (512 x 4608
+convolutions on 1 x 1 maps, a 512 x 784 layer at batch 128). With torch on one thread those kernels run through
+SciPy's LAPACK (``lipexp.cpu_lapack``: on this CPU torch's MKL was 1.4-1.8x slower at the Cholesky factor).
 
 Per-sample gradient convention: ``G_i = sum_p delta_{i,p} x_{i,p}^T`` with ``delta`` the gradient of the
 *summed* loss with respect to the layer output (the loop may backprop the mean; the tracker rescales).
@@ -665,7 +667,9 @@ class DynamicsTracker:
       forward/backward (the MLP's, at 2 threads inside a tracked step: 6.7 ms with the switch, 4.7 ms
       without, timed one after the other). On an oversubscribed machine set
       torch's threads to 1 for the whole job (the Makefile's parallel launches do), or pass 1 here.
-      The hooks always use torch's setting.
+      On one thread the Gram matrices and Cholesky factors go through SciPy's BLAS/LAPACK, pinned to one
+      thread for the call (``lipexp.cpu_lapack``; it agrees with torch's kernels to rounding: fig4_3 quick's
+      summary moved by at most 7e-14 relative). The hooks always use torch's setting.
     """
 
     def __init__(
