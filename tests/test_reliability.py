@@ -58,12 +58,15 @@ def _run_dir(results_dir, args):
 
 
 def _kill_after_checkpoints(args, results_dir, mirror, data_root, n_parts=2, env=None):
-    """Start ``lipexp args``, SIGKILL it once ``n_parts`` metric parts are on disk; returns the run dir."""
+    """Start ``lipexp args``, SIGKILL it once ``n_parts`` metric parts and a checkpoint are on disk; returns
+    the run dir. (A part is written before its checkpoint: waiting for the part alone, a kill between the two
+    left no ckpt.pt at n_parts=1, once in a CI run.)"""
     proc = _start(args, results_dir, mirror, data_root, env=env or {})
     runs = results_dir / "train" / "runs" / "smoke"
 
     def parts():
-        return len(list(runs.glob(f"*/{results.PARTS_DIR}/part-*.parquet"))) >= n_parts
+        return (len(list(runs.glob(f"*/{results.PARTS_DIR}/part-*.parquet"))) >= n_parts
+                and any(runs.glob(f"*/{results.CHECKPOINT_FILE}")))
 
     try:
         _wait_for(parts, proc, what=f"{n_parts} checkpoints")
