@@ -9,7 +9,8 @@ iteration's triangular solves (dynamics._chol_solve) besides, the MLP went 6.7x 
 2.6x -> 2.2x. Only the one-thread case
 is routed here: at two threads the A/B showed no gain, and a second thread pool (OpenBLAS's) spinning next
 to torch's OpenMP pool on the same cores made single calls 3-10x slower. The price: OpenBLAS allocates its
-work buffer once per process (the bench's peak-memory probe grew by 12-20 MiB).
+work buffers once per process (the bench's peak-memory probe grew by 12-20 MiB; alone, 512 x 784 Gram and
+512 x 512 factor calls raised the peak RSS by 18 MiB over the first 21 calls and not at all over the next 500).
 
 ``available(t)`` says whether a float64 CPU tensor may take this route now: torch runs on one thread,
 and SciPy's BLAS library could be found and pinned to one thread for the call (threadpoolctl). Otherwise
