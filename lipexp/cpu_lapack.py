@@ -18,31 +18,28 @@ the callers use torch, and results agree to rounding either way.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
 
 __all__ = ["available", "gram", "cholesky_lower"]
 
-_STATE: dict = {}  # the SciPy BLAS controller, found once per process (None: not controllable)
-
-
+@functools.cache
 def _controller():
-    if "lib" not in _STATE:
-        lib = None
-        try:
-            from scipy.linalg import blas  # noqa: F401 - loads SciPy's BLAS so threadpoolctl sees it
-            from threadpoolctl import ThreadpoolController
+    """SciPy's BLAS as a threadpoolctl controller, looked up once per process (the lookup takes ms); None
+    when it cannot be found unambiguously."""
+    try:
+        from scipy.linalg import blas  # noqa: F401 - loads SciPy's BLAS so threadpoolctl sees it
+        from threadpoolctl import ThreadpoolController
 
-            blas_libs = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
-            # SciPy's wheels bundle their own OpenBLAS under scipy.libs/ (numpy's sits beside it, in numpy.libs/)
-            own = [c for c in blas_libs if "/scipy" in c.filepath.replace("\\", "/")]
-            libs = own or blas_libs  # one shared BLAS (a conda environment): that one
-            lib = libs[0] if len(libs) == 1 else None
-        except Exception:  # noqa: BLE001 - no SciPy/threadpoolctl or an unknown BLAS: torch's route
-            lib = None
-        _STATE["lib"] = lib
-    return _STATE["lib"]
+        blas_libs = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+        # SciPy's wheels bundle their own OpenBLAS under scipy.libs/ (numpy's sits beside it, in numpy.libs/)
+        own = [c for c in blas_libs if "/scipy" in c.filepath.replace("\\", "/")]
+        libs = own or blas_libs  # one shared BLAS (a conda environment): that one
+        return libs[0] if len(libs) == 1 else None
+    except Exception:  # noqa: BLE001 - no SciPy/threadpoolctl or an unknown BLAS: torch's route
+        return None
 
 
 def available(t: torch.Tensor) -> bool:
@@ -86,4 +83,5 @@ def cholesky_lower(a: torch.Tensor) -> tuple[torch.Tensor, bool]:
         c, info = lapack.dpotrf(arr.T, lower=0, overwrite_a=1, clean=1)
     if info != 0:
         return a, False
-    return (a if c.base is arr or c.ctypes.data == arr.ctypes.data else torch.from_numpy(c.T.copy())), True
+    in_place = c.ctypes.data == arr.ctypes.data  # f2py overwrites a column-major float64 array; else c is a copy
+    return (a if in_place else torch.from_numpy(c.T.copy())), True

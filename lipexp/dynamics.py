@@ -222,14 +222,18 @@ def _cholesky(a: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return chol, int(info) == 0
 
 
-def _gram(w: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """``w @ w.T`` (k x k) for a k x N matrix; for large k and N by panels of rows, the upper triangle
-    only and mirrored (a BLAS ``syrk``, which torch does not expose): 10-20% faster than one product for
-    the 512 x 784 layer of the MLP and the 512 x 4608 convolutions of a resnet18, where this product
-    dominates ``begin()`` (about k^2 N / 2 + 64 k N multiply-adds in place of k^2 N)."""
+def _gram(w: torch.Tensor) -> torch.Tensor:
+    """``w @ w.T`` (k x k) for a k x N float64 matrix: SciPy's ``syrk`` on the one-thread CPU route
+    (``lipexp.cpu_lapack``), else ``_gram_torch``."""
+    return cpu_lapack.gram(w) if cpu_lapack.available(w) else _gram_torch(w)
+
+
+def _gram_torch(w: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """``w @ w.T`` by torch; for large k and N by panels of rows, the upper triangle only and mirrored (a
+    BLAS ``syrk``, which torch does not expose): 10-20% faster than one product for the 512 x 784 layer of
+    the MLP and the 512 x 4608 convolutions of a resnet18, where this product dominates ``begin()`` (about
+    k^2 N / 2 + 64 k N multiply-adds in place of k^2 N)."""
     k, big = w.shape
-    if cpu_lapack.available(w):
-        return cpu_lapack.gram(w)
     if k < 256 or big < 512:  # small: one product is faster than the panels' overhead
         return w @ w.T
     g = w.new_empty(k, k)

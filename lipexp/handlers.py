@@ -36,16 +36,17 @@ def _batch_first(t: torch.Tensor, batch_dim: int) -> torch.Tensor:
 
 
 def _wb_from_output(sink, positions: int) -> bool:
-    """Whether ``_linear_use`` takes W b from the layer's output (see there). Decided at the forward, so
-    that a hook keeps the output alive only when it will read it: held to the backward, a 3 MB attention
-    in-projection output could not be reused by the allocator and was faulted in afresh each step."""
+    """Whether a hook passes the layer's output to ``_linear_use`` for W b (see there). Decided at the
+    forward, so that a hook keeps the output alive only when it will be read: held to the backward, a 3 MB
+    attention in-projection output could not be reused by the allocator and was faulted in afresh each step."""
     m_full, n = sink.shape
     return m_full <= n and 16 * positions <= n
 
 
 def _linear_use(sink, x, delta, out, rows):
     """A linear map ``y_t = W[r0:r1] x_t (+ bias)`` over T positions per sample: x (M, T, n), delta (M, T, r),
-    ``out = (y, bias)`` with y (M, T, m) the layer's output for all rows (or None: W b is then not known here)."""
+    ``out = (y, bias)`` with y (M, T, m) the layer's output for all rows, passed where ``_wb_from_output``
+    holds (else None: W b is then the product in end())."""
     r0, r1 = rows
     z = x @ sink.v1  # (M, T): x_t . v1
     du = delta @ sink.u1[r0:r1]  # (M, T): u1 . delta_t
@@ -56,7 +57,7 @@ def _linear_use(sink, x, delta, out, rows):
     # output (T m per sample, from memory) cheaper than that product in end() (n m per sample, small W):
     # on the bench's 2-layer Transformer (T = 32) leaving it out saved 3.9 / 2.1 ms a step (1 / 2 threads, paired).
     wb = None
-    if out is not None and _wb_from_output(sink, x.shape[1]):
+    if out is not None:
         y, bias = out
         wb = torch.einsum("mt,mtc->mc", du, y)
         if bias is not None:

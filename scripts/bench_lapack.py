@@ -20,19 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lipexp import cpu_lapack  # noqa: E402
-from lipexp.dynamics import _gram, _shifted  # noqa: E402
+from lipexp.dynamics import _gram_torch, _shifted  # noqa: E402
 
 # (k, N): MLP 512 x 784 and 256 x 512; resnet18 512 x 4608 and 256 x 2304; Transformer 128 x 384
 SIZES = ((512, 784), (256, 512), (512, 4608), (256, 2304), (128, 384))
-
-
-def _torch_gram(w):
-    old = cpu_lapack.available
-    cpu_lapack.available = lambda t: False
-    try:
-        return _gram(w)
-    finally:
-        cpu_lapack.available = old
 
 
 def main() -> None:
@@ -54,7 +45,7 @@ def main() -> None:
         g = w @ w.T
         shift = 1.01 * float(g.diagonal().sum())
         fns = {
-            "gram torch": lambda: _torch_gram(w),
+            "gram torch": lambda: _gram_torch(w),
             "gram scipy": lambda: cpu_lapack.gram(w),
             "chol torch": lambda: torch.linalg.cholesky_ex(_shifted(g, shift)),
             "chol scipy": lambda: cpu_lapack.cholesky_lower(_shifted(g, shift)),
