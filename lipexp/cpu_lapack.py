@@ -6,15 +6,20 @@ build ships Intel MKL, which on the AMD EPYC of the project's machines ran these
 (``scripts/bench_lapack.py``, results/bench/lapack_cpu.txt). In the tracker (paired A/B in one process, one
 thread) this route alone took 7.5% off the MLP of Table 4.2 and 6% off resnet18 (32x32); with the inverse
 iteration's triangular solves (dynamics._chol_solve) besides, the MLP went 6.7x -> 5.4x a plain step and resnet18
-2.6x -> 2.2x. Only the one-thread case
-is routed here: at two threads the A/B showed no gain, and a second thread pool (OpenBLAS's) spinning next
-to torch's OpenMP pool on the same cores made single calls 3-10x slower. The price: OpenBLAS allocates its
+2.6x -> 2.2x.
+
+The Cholesky factor takes this route at any torch thread count: on two threads, after a parallel torch op
+(as inside a training step), OpenBLAS's one-thread ``potrf`` took 39 / 173 / 1135 us for k = 128 / 256 / 512
+where torch's two-thread ``cholesky_ex`` took 87 / 377 / 2131 us. The Gram matrix takes it on one thread
+only: on two, torch's parallel product is faster (140 vs 169 us for 128 x 384, 2391 vs 4225 us for
+512 x 784). OpenBLAS is pinned to one thread for each call: a second thread pool spinning next to torch's
+OpenMP pool on the same cores made single calls 3-10x slower. The price: OpenBLAS allocates its
 work buffers once per process (the bench's peak-memory probe grew by 12-20 MiB; alone, 512 x 784 Gram and
 512 x 512 factor calls raised the peak RSS by 18 MiB over the first 21 calls and not at all over the next 500).
 
-``available(t)`` says whether a float64 CPU tensor may take this route now: torch runs on one thread,
-and SciPy's BLAS library could be found and pinned to one thread for the call (threadpoolctl). Otherwise
-the callers use torch, and results agree to rounding either way.
+``available(t)`` says whether a float64 CPU tensor may take this route: SciPy's BLAS library could be found
+and pinned to one thread for the call (threadpoolctl); ``gram_available(t)`` adds that torch runs on one
+thread. Otherwise the callers use torch, and results agree to rounding either way.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["available", "gram", "cholesky_lower"]
+__all__ = ["available", "gram_available", "gram", "cholesky_lower"]
 
 @functools.cache
 def _controller():
@@ -43,8 +48,13 @@ def _controller():
 
 
 def available(t: torch.Tensor) -> bool:
-    return (t.device.type == "cpu" and t.dtype == torch.float64 and torch.get_num_threads() == 1
-            and _controller() is not None)
+    """Whether ``cholesky_lower`` may take the float64 CPU tensor ``t``."""
+    return t.device.type == "cpu" and t.dtype == torch.float64 and _controller() is not None
+
+
+def gram_available(t: torch.Tensor) -> bool:
+    """Whether ``gram`` should take ``t``: ``available`` and torch on one thread (else its product is faster)."""
+    return torch.get_num_threads() == 1 and available(t)
 
 
 @contextmanager

@@ -214,8 +214,8 @@ def _warm_top(gram: torch.Tensor, x: torch.Tensor, tries: int = 3) -> tuple[torc
 
 
 def _cholesky(a: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``(L, ok)``: lower Cholesky factor of the symmetric float64 ``a`` (overwritten on the one-thread CPU
-    route of ``lipexp.cpu_lapack``); ``ok`` False when ``a`` is not positive definite."""
+    """``(L, ok)``: lower Cholesky factor of the symmetric float64 ``a`` (overwritten on the CPU route of
+    ``lipexp.cpu_lapack``, OpenBLAS on one thread); ``ok`` False when ``a`` is not positive definite."""
     if cpu_lapack.available(a):
         return cpu_lapack.cholesky_lower(a)
     chol, info = torch.linalg.cholesky_ex(a)
@@ -225,7 +225,7 @@ def _cholesky(a: torch.Tensor) -> tuple[torch.Tensor, bool]:
 def _gram(w: torch.Tensor) -> torch.Tensor:
     """``w @ w.T`` (k x k) for a k x N float64 matrix: SciPy's ``syrk`` on the one-thread CPU route
     (``lipexp.cpu_lapack``), else ``_gram_torch``."""
-    return cpu_lapack.gram(w) if cpu_lapack.available(w) else _gram_torch(w)
+    return cpu_lapack.gram(w) if cpu_lapack.gram_available(w) else _gram_torch(w)
 
 
 def _gram_torch(w: torch.Tensor, block: int = 128) -> torch.Tensor:
@@ -671,9 +671,9 @@ class DynamicsTracker:
       forward/backward (the MLP's, at 2 threads inside a tracked step: 6.7 ms with the switch, 4.7 ms
       without, timed one after the other). On an oversubscribed machine set
       torch's threads to 1 for the whole job (the Makefile's parallel launches do), or pass 1 here.
-      On one thread the Gram matrices and Cholesky factors go through SciPy's BLAS/LAPACK, pinned to one
-      thread for the call (``lipexp.cpu_lapack``; it agrees with torch's kernels to rounding: fig4_3 quick's
-      summary moved by at most 7e-14 relative). Whether ``linalg_threads=1`` pays with torch on 2 threads
+      The Cholesky factors (at any thread count) and, on one thread, the Gram matrices go through SciPy's
+      BLAS/LAPACK, pinned to one thread for the call (``lipexp.cpu_lapack``; it agrees with torch's kernels
+      to rounding: fig4_3 quick's summary moved by at most 7e-14 relative). Whether ``linalg_threads=1`` pays with torch on 2 threads
       depends on the model (paired, b68a1d7: the MLP of Table 4.2 6.9x -> 5.8x a plain step, resnet18 on
       32x32 2.8x -> 3.0x, the bench Transformer 1.57x either way). The hooks always use torch's setting.
     """

@@ -18,16 +18,34 @@ def _spd(k, seed=0):
     return w, w @ w.T + 1e-3 * torch.eye(k, dtype=torch.float64)
 
 
-def test_route_is_on_for_float64_cpu_on_one_thread_only():
+def test_route_is_on_for_float64_cpu_and_the_gram_on_one_thread_only():
     w = torch.zeros(3, 3, dtype=torch.float64)
-    assert cpu_lapack.available(w)
-    assert not cpu_lapack.available(w.float())
+    assert cpu_lapack.available(w) and cpu_lapack.gram_available(w)
+    assert not cpu_lapack.available(w.float()) and not cpu_lapack.gram_available(w.float())
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert not cpu_lapack.available(w)
+        assert cpu_lapack.available(w)  # the factor: OpenBLAS on one thread beats torch's two
+        assert not cpu_lapack.gram_available(w)  # the Gram: torch's parallel product is faster
     finally:
         torch.set_num_threads(old)
+
+
+def test_two_thread_tracker_factors_through_scipy_and_forms_the_gram_by_torch(monkeypatch):
+    calls = {"chol": 0, "gram": 0}
+    real_chol, real_gram = cpu_lapack.cholesky_lower, cpu_lapack.gram
+    monkeypatch.setattr(cpu_lapack, "cholesky_lower", lambda a: calls.__setitem__("chol", calls["chol"] + 1) or real_chol(a))
+    monkeypatch.setattr(cpu_lapack, "gram", lambda w: calls.__setitem__("gram", calls["gram"] + 1) or real_gram(w))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model, shape = mlp(), (6,)
+        x, y = data(shape)
+        check_model(model, x, y)  # the brute-force checks (1e-8) on this mixed route
+    finally:
+        torch.set_num_threads(old)
+    assert calls["chol"] > 0 and calls["gram"] == 0
 
 
 @pytest.mark.parametrize("shape", [(7, 30), (300, 700), (1, 5)])
