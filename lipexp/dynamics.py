@@ -352,18 +352,25 @@ def hessian_quadratic_sum(
     ``w_b`` (M x m, rows ``W b_i``) may be passed when known more cheaply than ``b @ W^T`` (a Linear
     layer has it from its own output). Works in the dtype of ``a`` up to the float64 triangular solve.
     """
+    return _quadratic_sum_times_s1(geo, a, b, w_b) / geo.s1
+
+
+def _quadratic_sum_times_s1(geo: OpNormGeometry, a: torch.Tensor, b: torch.Tensor, w_b: torch.Tensor | None):
+    """``s1 * hessian_quadratic_sum(geo, a, b, w_b)`` (0-d float64), in few ops: the tracker calls it twice
+    per weight per step, and on small layers the per-op cost, not the arithmetic, is what shows."""
     dt = a.dtype
-    u1, v1, s1 = geo.u1.to(dt), geo.v1.to(dt), geo.s1
+    u1, v1, s1 = geo.u1.to(dt), geo.v1.to(dt), geo.s1.to(dt)
     au, bv = a @ u1, b @ v1
-    a_perp = a - au[:, None] * u1
-    b_perp = b - bv[:, None] * v1
+    a_perp = torch.addr(a, au, u1, alpha=-1)
+    b_perp = torch.addr(b, bv, v1, alpha=-1)
     if geo.wide:
-        wb = _times_w(b_perp, geo, dt, transpose=True) if w_b is None else w_b - (s1.to(dt) * bv)[:, None] * u1
-        r, rest = s1.to(dt) * a_perp + wb, b_perp
+        wb = _times_w(b_perp, geo, dt, transpose=True) if w_b is None else torch.addr(w_b, s1 * bv, u1, alpha=-1)
+        r, rest = torch.addcmul(wb, a_perp, s1), b_perp
     else:
-        r, rest = s1.to(dt) * b_perp + _times_w(a_perp, geo, dt, transpose=False), a_perp
-    x = torch.linalg.solve_triangular(geo.chol, r.T.to(torch.float64), upper=False)
-    return ((x * x).sum() + (rest * rest).sum().to(torch.float64)) / s1
+        r, rest = torch.addcmul(_times_w(a_perp, geo, dt, transpose=False), b_perp, s1), a_perp
+    x = torch.linalg.solve_triangular(geo.chol, r.T.to(torch.float64), upper=False).reshape(-1)
+    rest = rest.reshape(-1)
+    return x @ x + (rest @ rest).to(torch.float64)
 
 
 def hessian_trace(geo: OpNormGeometry) -> torch.Tensor:
@@ -723,7 +730,7 @@ class DynamicsTracker:
         self._starts: dict[str, torch.Tensor] = {}
         self._last: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self._handles: list = []
-        self._noise_rows: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._noise_rows: dict[str, torch.Tensor | None] = {}
         if not sigma1_only:
             self._install()
 
@@ -859,13 +866,14 @@ class DynamicsTracker:
                 if self.check_update and (updates is None or not layer.ref.parametrized):
                     self._check_update(layer, dw, lr)
                 names.append(layer.name)
-                rows.append(self._layer_terms(layer, layer.matrix(dw), lr))
-            full = cross_layer_lambda2([self._noise_rows[name] for name in names])
-            rows = [r[:5] + [f] + r[5:] for r, f in zip(rows, full)]  # after mu2, in the order of `keys`
-            values = torch.stack([torch.stack(r) for r in rows]).tolist()  # one device sync
+                rows.append(self._layer_raw(layer, layer.matrix(dw), lr))
+            shares = cross_layer_lambda2([(self._noise_rows[name], 0.0) for name in names])
+            raw = [r + [f if torch.is_tensor(f) else r[0].new_zeros(())] for r, f in zip(rows, shares)]
+            values = torch.stack([torch.stack(r) for r in raw]).tolist() if raw else []  # one device sync
         self._noise_rows = {}
         keys = TERMS + SECOND_TERMS + (SPLIT_TERMS if self.split else ())
-        out = {name: dict(zip(keys, vals)) for name, vals in zip(names, values)}
+        out = {name: dict(zip(keys, self._finish_terms(layer, vals, lr)))
+               for name, layer, vals in zip(names, self.layers, values)}
         _single_sample_nan(out, self.layers)
         for layer in self.layers:
             layer.clear_step()
@@ -962,39 +970,66 @@ class DynamicsTracker:
                 )
 
     # -- the terms -------------------------------------------------------------------------------
-    def _layer_terms(self, layer: _Layer, dw: torch.Tensor, lr: float) -> list[torch.Tensor]:
+    def _layer_raw(self, layer: _Layer, dw: torch.Tensor, lr: float) -> list[torch.Tensor]:
+        """The 0-d tensors the terms of one weight are made of (``_finish_terms`` combines them on the host,
+        after the one sync of ``end()``: scalar tensor arithmetic was a third of end()'s ops):
+        ``[s1, u1.dW v1, s1 q(dW/lr), tr(H) or 0, s1 q_noise, lambda2 without injected noise(, split parts)]``,
+        with ``q`` the Hessian quadratic sums; sets ``_noise_rows[name]`` (the per-sample noise on log s1)."""
         geo = layer.geo
         s1, u1, v1 = geo.s1, geo.u1, geo.v1
         dv, dtu = _rows_projections(dw, v1, u1)  # (m,), (n,): d v1 and d^T u1 times lr
-        mu = (u1 @ dv) / (s1 * lr)
-        mu2 = second_order_drift(geo, dv / lr, dtu / lr, lr)
-        gs2, nv = self.grad_scale**2, self.noise_var
+        ud = u1 @ dv
+        q2 = _quadratic_sum_times_s1(geo, (dv / lr)[None], (dtu / lr)[None], None)
         zero = s1.new_zeros(())
-        noise_lam = lr * nv / s1**2
-        noise_kap = lr / (2 * s1) * nv * hessian_trace(geo) if nv else zero
+        trace = hessian_trace(geo) if self.noise_var else zero
         if layer.a is None:  # not used by this forward: no per-sample gradient, only the deterministic drift
-            self._noise_rows[layer.name] = (None, zero + noise_lam)
-            out = [s1, mu, zero + noise_kap, zero + noise_lam, mu2]
-            return out + ([zero + noise_kap, zero, zero + noise_lam, zero] if self.split else [])
+            self._noise_rows[layer.name] = None
+            return [s1, ud, q2, trace, zero, zero] + ([zero, zero] if self.split else [])
         a, b = layer.a, layer.b  # at the scale of the reduced loss: per-sample = scale * these
         mb = a.shape[0]
         scale = float(mb) if self.reduction == "mean" else 1.0
         self._last[layer.name] = (a, b, scale)
-        # c of thesis Prop. 4.4.1, times the gradient scaling; every sum below is quadratic in (a, b)
-        coef = gs2 * scale**2 / (mb * (mb - 1))
+        coef = self._coef(mb)
         ac, bc = a - a.mean(0), b - b.mean(0)
         wbc = None if layer.wb is None else layer.wb - layer.wb.mean(0)
-        q = hessian_quadratic_sum(geo, ac, bc, wbc)
+        q = _quadratic_sum_times_s1(geo, ac, bc, wbc)
         # r_i = sqrt(lr c) J^T vec(G~_i) / s1: sample i's noise on this layer's log s1, |r|^2 = lambda2
-        r = math.sqrt(lr * coef) * (ac @ layer.u1).double() / s1
-        self._noise_rows[layer.name] = (r, noise_lam)
-        lam = (r * r).sum() + noise_lam
-        kap = lr / (2 * s1) * coef * q + noise_kap
-        out = [s1, mu, kap, lam, mu2]
+        r = (ac @ layer.u1).double().mul_(math.sqrt(lr * coef)).div_(s1)
+        self._noise_rows[layer.name] = r
+        out = [s1, ud, q2, trace, q, r @ r]
         if self.split:
             d = (layer.sumsq - layer.gsum * layer.gsum / mb).double()  # sum_i (G_i - mean G)^2 / scale^2
-            lam_var = lr / s1**2 * coef * ((u1 * u1) @ d @ (v1 * v1)) + noise_lam
-            kap_var = lr / (2 * s1) * coef * hessian_diagonal_dot(geo, d) + noise_kap
+            out += [(u1 * u1) @ d @ (v1 * v1), hessian_diagonal_dot(geo, d)]
+        return out
+
+    def _coef(self, mb: int) -> float:
+        """c of thesis Prop. 4.4.1 times the gradient scaling squared, at the reduced loss' scale: every
+        noise sum is quadratic in the (a, b) rows."""
+        scale = float(mb) if self.reduction == "mean" else 1.0
+        return self.grad_scale**2 * scale**2 / (mb * (mb - 1))
+
+    def _finish_terms(self, layer: _Layer, raw: list[float], lr: float) -> list[float]:
+        """The terms of one weight, in the order of ``TERMS + SECOND_TERMS (+ SPLIT_TERMS)``, from
+        ``_layer_raw``'s values and the cross-layer share (last), as floats."""
+        s1, ud, q2, trace, q, lam_r, *rest = raw
+        share = rest.pop()
+        nv = self.noise_var
+        mu = ud / (s1 * lr)
+        jd = ud / lr
+        mu2 = lr / (2 * s1) * (q2 / s1) - lr / (2 * s1**2) * jd * jd
+        noise_lam = lr * nv / s1**2
+        noise_kap = lr / (2 * s1) * nv * trace if nv else 0.0
+        if layer.a is None:
+            out = [s1, mu, noise_kap, noise_lam, mu2, share + noise_lam]
+            return out + ([noise_kap, 0.0, noise_lam, 0.0] if self.split else [])
+        coef = self._coef(layer.a.shape[0])
+        kap = lr / (2 * s1) * coef * (q / s1) + noise_kap
+        lam = lam_r + noise_lam
+        out = [s1, mu, kap, lam, mu2, share + noise_lam]
+        if self.split:
+            uvd, hdd = rest
+            lam_var = lr / s1**2 * coef * uvd + noise_lam
+            kap_var = lr / (2 * s1) * coef * hdd + noise_kap
             out += [kap_var, kap - kap_var, lam_var, lam - lam_var]
         return out
 
