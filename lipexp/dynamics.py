@@ -42,15 +42,18 @@ A training loop with the tracker (one metrics row per step)::
     tracker.close()
 
 Cost (``scripts/bench_tracker.py``, paired median over interleaved repeats on a 2-core AMD EPYC CPU, 1 / 2
-threads, results/bench/tracker_cpu.txt): ConvNet of thesis Table 4.1 1.24x / 1.26x a plain SGD step at batch 256
-(1.24x / 1.51x at 128); TransformerEncoder 1.46x / 1.47x; resnet18 (32x32, batch 64) 2.5x / 2.8x; the MLP of
-Table 4.2 (batch 128) 5.3x / 6.9x (these ratios drift by 0.1-0.2 between runs of the same code on this machine).
+threads, results/bench/tracker_cpu.txt, at 624a932): ConvNet of thesis Table 4.1 1.12x / 1.26x a plain SGD step
+at batch 256 (1.33x / 1.38x at 128); TransformerEncoder 1.25x / 1.39x; resnet18 (32x32, batch 64) 2.8x / 3.3x
+(1.11x / 1.18x at 224x224); the MLP of Table 4.2 (batch 128) 4.6x / 5.6x (these ratios drift by 0.1-0.2 between
+runs of the same code on this machine, and with its speed: the day before, its slower plain steps gave resnet18
+2.5x / 2.8x).
 The bench's ``floor`` variant times the plain step plus each weight's exact float64 Gram (k^2 N operations for a
 k x N weight, k the smaller side) and one k x k Cholesky factor, by the tracker's own kernels, which any exact
-per-step kappa needs: 1.02-1.11x for the ConvNet, 1.10-1.17x for the Transformer, but 1.7-1.9x for resnet18 on
-32x32 inputs and 3.1-3.4x for the MLP, whose weights are large next to their activations (512 x 4608
-convolutions on 1 x 1 maps, a 512 x 784 layer at batch 128). With torch on one thread those kernels run through
-SciPy's LAPACK (``lipexp.cpu_lapack``: on this CPU torch's MKL was 1.4-1.8x slower at the Cholesky factor).
+per-step kappa needs: 1.03-1.08x for the ConvNet, 1.06x for the Transformer, but 2.0-2.4x for resnet18 on
+32x32 inputs and 2.9-3.0x for the MLP (bench at 624a932), whose weights are large next to their activations
+(512 x 4608 convolutions on 1 x 1 maps, a 512 x 784 layer at batch 128). The Cholesky factors, and with torch on
+one thread the Gram matrices, run through SciPy's LAPACK (``lipexp.cpu_lapack``: on this CPU torch's MKL was
+1.4-1.8x slower at the factor on one thread, about 2x on two).
 
 Per-sample gradient convention: ``G_i = sum_p delta_{i,p} x_{i,p}^T`` with ``delta`` the gradient of the
 *summed* loss with respect to the layer output (the loop may backprop the mean; the tracker rescales).

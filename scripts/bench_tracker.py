@@ -15,7 +15,7 @@ another's hooks):
   track     the same step between DynamicsTracker.begin() and .end(): every term of every layer
             (sigma1, mu, kappa, lambda2, mu2, lambda2_full);
   floor     the plain step plus, per tracked weight, its float64 Gram matrix (the smaller side) and one
-            Cholesky factor of that size, by the tracker's own kernels (lipexp.cpu_lapack on one thread): the
+            Cholesky factor of that size, by the tracker's own kernels (lipexp.cpu_lapack, torch's otherwise): the
             linear algebra any exact per-step kappa needs (the tracker does this and a second factor, inverse
             iteration and the projections); not a method, a lower bound for these kernels;
   split     track with split=True (variance/covariance parts too; per-sample gradient chunks for convolutions);
