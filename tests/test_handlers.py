@@ -398,3 +398,26 @@ def test_tracked_steps_keep_no_tensor_alive(kind):
         step()
     assert live() == before
     tracker.close()
+
+
+@pytest.mark.parametrize("positions", [1, 5])
+def test_position_contractions_match_einsum_in_every_memory_layout(positions):
+    """The hooks' x . v1 and sum_t w_t t_t (handlers._dot_last, _weighted_sum) take each tensor in its own
+    memory order: batch-major, position-major (attention's), or neither; all must give the einsum's values."""
+    from lipexp.handlers import _dot_last, _weighted_sum
+
+    g = torch.Generator().manual_seed(3)
+    m, c = 4, 6
+    base = torch.randn(m, positions, c, generator=g, dtype=torch.float64)
+    layouts = {
+        "batch-major": base,
+        "position-major": base.transpose(0, 1).contiguous().transpose(0, 1),
+        "strided": torch.randn(m, positions, 2 * c, generator=g, dtype=torch.float64)[..., ::2],
+    }
+    v = torch.randn(c, generator=g, dtype=torch.float64)
+    w = torch.randn(m, positions, generator=g, dtype=torch.float64)
+    for name, t in layouts.items():
+        assert torch.allclose(_dot_last(t, v), torch.einsum("mtc,c->mt", t, v), rtol=0, atol=1e-12), name
+        assert torch.allclose(_weighted_sum(w, t), torch.einsum("mt,mtc->mc", w, t), rtol=0, atol=1e-12), name
+    if positions > 1:
+        assert layouts["position-major"].transpose(0, 1).is_contiguous() and not layouts["position-major"].is_contiguous()
