@@ -417,9 +417,13 @@ def second_order_drift(geo: OpNormGeometry, d_v: torch.Tensor, dt_u: torch.Tenso
     triangular solve with one right-hand side, float64.
     """
     d_v, dt_u = d_v.to(torch.float64), dt_u.to(torch.float64)
-    q = hessian_quadratic_sum(geo, d_v[None], dt_u[None])
-    jd = geo.u1 @ d_v
-    return lr / (2 * geo.s1) * q - lr / (2 * geo.s1**2) * jd * jd
+    return _mu2(geo.s1, _quadratic_sum_times_s1(geo, d_v[None], dt_u[None], None), geo.u1 @ d_v, lr)
+
+
+def _mu2(s1, q_times_s1, jd, lr: float):
+    """``second_order_drift`` from ``s1``, ``s1 vec(d)^T H vec(d)`` and ``jd = J^T vec(d) = u1 . d v1`` (tensors or
+    floats: the tracker combines them on the host)."""
+    return lr / (2 * s1) * (q_times_s1 / s1) - lr / (2 * s1**2) * jd * jd
 
 
 def cross_layer_lambda2(rows: list[tuple[torch.Tensor | None, torch.Tensor]]) -> list[torch.Tensor]:
@@ -1018,8 +1022,7 @@ class DynamicsTracker:
         share = rest.pop()
         nv = self.noise_var
         mu = ud / (s1 * lr)
-        jd = ud / lr
-        mu2 = lr / (2 * s1) * (q2 / s1) - lr / (2 * s1**2) * jd * jd
+        mu2 = _mu2(s1, q2, ud / lr, lr)
         noise_lam = lr * nv / s1**2
         noise_kap = lr / (2 * s1) * nv * trace if nv else 0.0
         if layer.a is None:
